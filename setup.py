@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="diffusers-magi",
+    version="0.1.0.dev0",
+    description="MAGI-1 autoregressive video generation as native Hugging Face Diffusers components",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned here: install the build you want first (see README); a range that the
+    # installed torch satisfies makes pip leave it alone.
+    install_requires=[
+        "torch>=2.5",
+        "diffusers>=0.42.1",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "imageio>=2.30",
+        "imageio-ffmpeg>=0.5",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "xformers": ["xformers"],
+    },
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,17 @@
+"""diffusers-magi: MAGI-1 (Sand.ai's autoregressive video model) as native Hugging Face Diffusers components.
+
+Importing this package registers its classes with Diffusers, so that ``DiffusionPipeline.from_pretrained``,
+``AutoModel.from_pretrained`` and ``from diffusers import MagiTransformer3DModel`` resolve them.
+"""
+
+from .models import MagiKVCache, MagiTransformer3DModel
+from ._registration import register_with_diffusers
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "MagiKVCache",
+    "MagiTransformer3DModel",
+]
+
+register_with_diffusers()

@@ -1,0 +1,2 @@
+from .kv_cache_magi import MagiKVCache
+from .transformer_magi import MagiTransformer3DModel

@@ -1,0 +1,301 @@
+"""Attention of the MAGI-1 transformer: chunk-causal self-attention and per-chunk cross-attention, computed in
+parallel from one pre-norm.
+
+A transformer call sees a *window* of consecutive latent chunks (each `tokens_per_chunk` tokens). Self-attention is
+chunk-causal: the queries of a chunk attend to every token of their own chunk and of a limited number of earlier
+chunks, never to later ones. Earlier chunks that are not part of the window come from a `MagiKVCache`.
+Cross-attention is per chunk: the queries of a chunk attend to the (unpadded) caption tokens of that chunk.
+
+Both are computed by looping over query chunks and calling Diffusers' `dispatch_attention_fn` without a mask on the
+exact key range of each chunk. This is the fastest form on CPU, the natural form for a KV cache, and it runs on every
+attention backend (flash attention included), since none of them accepts per-block key ranges as a mask.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from .kv_cache_magi import MagiKVCacheLayer
+
+
+class MagiLayerNorm(nn.LayerNorm):
+    """LayerNorm whose stored weight may be *zero-centred*: the scale used is `1 + weight` (Megatron's
+    `apply_layernorm_1p`). It computes in the dtype of its input, like the original, so callers choose the precision
+    by casting the input (float32 for the query/key norms, the model dtype for the cross-attention norms)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered_weight: bool = True):
+        super().__init__(dim, eps=eps)
+        self.zero_centered_weight = zero_centered_weight
+        if zero_centered_weight:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.zero_centered_weight else self.weight
+        return F.layer_norm(
+            hidden_states,
+            self.normalized_shape,
+            weight.to(hidden_states.dtype),
+            self.bias.to(hidden_states.dtype),
+            self.eps,
+        )
+
+
+class Float32Linear(nn.Linear):
+    """A linear layer that always computes (and returns) float32, whatever the dtype its weights are stored in.
+
+    The original runs the attention output projection under a float32 autocast; this makes that explicit and keeps it
+    a module of its own, so offloading and layerwise-casting hooks see it like any other layer."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(hidden_states.float(), self.weight.float(), bias)
+
+
+def apply_rotary_emb(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `2 * cos.shape[-1]` channels of each head ("rotate half" pairing, not interleaved); the
+    remaining channels pass through unchanged.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch, tokens, heads, head_dim)`)
+        cos, sin (`torch.Tensor` of shape `(tokens, rotary_dim // 2)`)
+    """
+    half = cos.shape[-1]
+    first, second, rest = hidden_states[..., :half], hidden_states[..., half : 2 * half], hidden_states[..., 2 * half :]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
+
+
+@dataclass(frozen=True)
+class ChunkAttentionLayout:
+    """Which keys the queries of each chunk of a transformer call attend to.
+
+    Chunks are numbered from the start of the video (absolute indices). The call holds the chunks
+    `first_chunk_index ... first_chunk_index + num_chunks - 1`; chunk `c` attends to chunks
+    `attention_chunk_starts[c - first_chunk_index] ... c`. Chunks before `first_chunk_index` are read from the KV
+    cache. The first `num_chunks_to_cache` chunks of the call are written to the cache.
+    """
+
+    tokens_per_chunk: int
+    first_chunk_index: int
+    attention_chunk_starts: Tuple[int, ...]
+    num_chunks_to_cache: int = 0
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.attention_chunk_starts)
+
+    @property
+    def first_cached_chunk(self) -> int:
+        """Earliest chunk read from the cache (`first_chunk_index` when nothing is read)."""
+        return min(min(self.attention_chunk_starts), self.first_chunk_index)
+
+    def key_token_range(self, chunk: int) -> Tuple[int, int]:
+        """Token range `[start, end)` of the keys of chunk `chunk` (0-based within the call), in the concatenation
+        `[cached chunks from first_cached_chunk ; chunks of the call]`."""
+        start = (self.attention_chunk_starts[chunk] - self.first_cached_chunk) * self.tokens_per_chunk
+        end = (self.first_chunk_index - self.first_cached_chunk + chunk + 1) * self.tokens_per_chunk
+        return start, end
+
+
+def chunk_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: ChunkAttentionLayout,
+    backend=None,
+) -> torch.Tensor:
+    """Self-attention of each query chunk over its own key range.
+
+    Args:
+        query (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`)
+        key, value (`torch.Tensor` of shape `(batch, key_tokens, kv_heads, head_dim)`):
+            cached chunks followed by the chunks of the call, as described by `layout.key_token_range`.
+    Returns:
+        `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`.
+    """
+    tokens = layout.tokens_per_chunk
+    enable_gqa = query.shape[2] != key.shape[2]
+    outputs = []
+    for chunk in range(layout.num_chunks):
+        key_start, key_end = layout.key_token_range(chunk)
+        outputs.append(
+            dispatch_attention_fn(
+                query[:, chunk * tokens : (chunk + 1) * tokens],
+                key[:, key_start:key_end],
+                value[:, key_start:key_end],
+                enable_gqa=enable_gqa,
+                backend=backend,
+            )
+        )
+    return torch.cat(outputs, dim=1)
+
+
+def per_chunk_cross_attention(
+    query: torch.Tensor,
+    text_keys: torch.Tensor,
+    text_values: torch.Tensor,
+    text_lengths: Sequence[int],
+    tokens_per_chunk: int,
+    backend=None,
+) -> torch.Tensor:
+    """Cross-attention of each chunk's queries over that chunk's caption tokens.
+
+    Args:
+        query (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`)
+        text_keys, text_values (`torch.Tensor` of shape `(total_text_tokens, kv_heads, head_dim)`):
+            the valid caption tokens of every (batch row, chunk) pair, concatenated batch-major.
+        text_lengths (`Sequence[int]` of length `batch * num_chunks`): valid tokens per (batch row, chunk).
+    Returns:
+        `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`. A chunk whose caption has
+        no valid token gets zeros (an attention over nothing), as the original's varlen kernel returns.
+    """
+    num_chunks = query.shape[1] // tokens_per_chunk
+    enable_gqa = query.shape[2] != text_keys.shape[1]
+    output = torch.zeros_like(query)
+    offset = 0
+    for row, length in enumerate(text_lengths):
+        batch_index, chunk = divmod(row, num_chunks)
+        if length > 0:
+            token_slice = slice(chunk * tokens_per_chunk, (chunk + 1) * tokens_per_chunk)
+            output[batch_index, token_slice] = dispatch_attention_fn(
+                query[batch_index : batch_index + 1, token_slice],
+                text_keys[None, offset : offset + length],
+                text_values[None, offset : offset + length],
+                enable_gqa=enable_gqa,
+                backend=backend,
+            )[0]
+        offset += length
+    return output
+
+
+class MagiAttnProcessor:
+    """Computes MAGI-1's parallel self- and cross-attention for one `MagiAttention` module."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "MagiAttention",
+        hidden_states: torch.Tensor,
+        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        layout: ChunkAttentionLayout,
+        text_states: torch.Tensor,
+        text_lengths: Sequence[int],
+        kv_cache: Optional[MagiKVCacheLayer] = None,
+    ) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        normed = attn.norm(hidden_states)
+
+        # Self-attention: q/k norm and rotary embedding in float32, attention in the model dtype.
+        query = attn.to_q(normed).unflatten(-1, (attn.heads, attn.head_dim))
+        key = attn.to_k(normed).unflatten(-1, (attn.kv_heads, attn.head_dim))
+        value = attn.to_v(normed).unflatten(-1, (attn.kv_heads, attn.head_dim))
+        query = apply_rotary_emb(attn.norm_q(query.float()), *rotary_emb).to(dtype)
+        key = apply_rotary_emb(attn.norm_k(key.float()), *rotary_emb).to(dtype)
+
+        if layout.num_chunks_to_cache:
+            cached_tokens = layout.num_chunks_to_cache * layout.tokens_per_chunk
+            kv_cache.write(
+                layout.first_chunk_index, key[:, :cached_tokens], value[:, :cached_tokens], layout.num_chunks_to_cache
+            )
+        if layout.first_cached_chunk < layout.first_chunk_index:
+            cached_key, cached_value = kv_cache.read(layout.first_cached_chunk, layout.first_chunk_index, key.device)
+            key = torch.cat([cached_key, key], dim=1)
+            value = torch.cat([cached_value, value], dim=1)
+        self_attention = chunk_causal_attention(query, key, value, layout, backend=self._attention_backend)
+
+        # Cross-attention on the caption tokens, in the model dtype.
+        cross_query = attn.norm_cross_q(attn.to_cross_q(normed).unflatten(-1, (attn.heads, attn.head_dim)))
+        text_key_value = attn.to_cross_kv(text_states).unflatten(-1, (attn.kv_heads, 2 * attn.head_dim))
+        text_keys, text_values = text_key_value.chunk(2, dim=-1)
+        text_keys = attn.norm_cross_k(text_keys)
+        cross_attention = per_chunk_cross_attention(
+            cross_query, text_keys, text_values, text_lengths, layout.tokens_per_chunk, backend=self._attention_backend
+        )
+
+        # [self | cross] is re-ordered into `output_groups` interleaved groups before the output projection: the
+        # checkpoints were trained with the projection split over 8 tensor-parallel ranks.
+        combined = torch.cat([self_attention.flatten(2), cross_attention.flatten(2)], dim=-1)
+        combined = combined.unflatten(-1, (2, attn.output_groups, -1)).transpose(-3, -2).flatten(-3)
+        return attn.to_out(combined)
+
+
+class MagiAttention(nn.Module, AttentionModuleMixin):
+    """Self-attention (grouped-query, QK-norm, 3D rotary embedding, chunk-causal with KV cache) and cross-attention
+    to the caption, both from one pre-norm, with a shared output projection.
+
+    Args:
+        hidden_size (`int`): width of the hidden states.
+        heads (`int`): number of query heads.
+        kv_heads (`int`): number of key/value heads (grouped-query attention).
+        head_dim (`int`): channels per head.
+        cross_attention_dim (`int`): width of the projected caption tokens.
+        eps (`float`): epsilon of the norms.
+        zero_centered_norm_weight (`bool`): whether the q/k norms store `scale - 1`.
+        output_groups (`int`): groups of the [self | cross] re-ordering before the output projection.
+    """
+
+    _default_processor_cls = MagiAttnProcessor
+    _available_processors = [MagiAttnProcessor]
+
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        cross_attention_dim: int,
+        eps: float = 1e-6,
+        zero_centered_norm_weight: bool = True,
+        output_groups: int = 8,
+        processor: Optional[MagiAttnProcessor] = None,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.output_groups = output_groups
+
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.to_q = nn.Linear(hidden_size, heads * head_dim, bias=False)
+        self.to_k = nn.Linear(hidden_size, kv_heads * head_dim, bias=False)
+        self.to_v = nn.Linear(hidden_size, kv_heads * head_dim, bias=False)
+        self.to_cross_q = nn.Linear(hidden_size, heads * head_dim, bias=False)
+        # One projection of the caption tokens, laid out per key/value head as [key | value].
+        self.to_cross_kv = nn.Linear(cross_attention_dim, 2 * kv_heads * head_dim, bias=False)
+        self.norm_q = MagiLayerNorm(head_dim, eps, zero_centered_norm_weight)
+        self.norm_k = MagiLayerNorm(head_dim, eps, zero_centered_norm_weight)
+        self.norm_cross_q = MagiLayerNorm(head_dim, eps, zero_centered_norm_weight)
+        self.norm_cross_k = MagiLayerNorm(head_dim, eps, zero_centered_norm_weight)
+        self.to_out = Float32Linear(2 * heads * head_dim, hidden_size, bias=False)
+
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        layout: ChunkAttentionLayout,
+        text_states: torch.Tensor,
+        text_lengths: List[int],
+        kv_cache: Optional[MagiKVCacheLayer] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, hidden_size)`)
+            rotary_emb (`(cos, sin)`, each of shape `(num_chunks * tokens_per_chunk, rotary_dim // 2)`)
+            layout (`ChunkAttentionLayout`): which keys each chunk attends to.
+            text_states (`torch.Tensor` of shape `(total_text_tokens, cross_attention_dim)`): projected caption
+                tokens of every (batch row, chunk), batch-major.
+            text_lengths (`List[int]`): valid caption tokens per (batch row, chunk).
+            kv_cache (`MagiKVCacheLayer`, *optional*): this layer's cache.
+        Returns:
+            `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, hidden_size)`, float32.
+        """
+        return self.processor(self, hidden_states, rotary_emb, layout, text_states, text_lengths, kv_cache)
