@@ -4,12 +4,13 @@ Importing this package registers its classes with Diffusers, so that ``Diffusion
 ``AutoModel.from_pretrained`` and ``from diffusers import MagiTransformer3DModel`` resolve them.
 """
 
-from .models import MagiKVCache, MagiTransformer3DModel
+from .models import AutoencoderMagi, MagiKVCache, MagiTransformer3DModel
 from ._registration import register_with_diffusers
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AutoencoderMagi",
     "MagiKVCache",
     "MagiTransformer3DModel",
 ]

@@ -1,0 +1,1 @@
+"""MAGI-1 pipelines and their pre/post-processing."""
