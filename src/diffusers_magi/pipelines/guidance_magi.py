@@ -1,0 +1,279 @@
+"""Guidance for MAGI-1: how one planned model call turns into transformer passes and a velocity.
+
+Base checkpoints use *three-branch* guidance. Per call the transformer runs
+
+1. conditional on the caption and on earlier chunks (the KV cache is read, not written),
+2. conditional on earlier chunks only (null caption; this pass writes clean chunks to the KV cache),
+3. unconditional: null caption, each chunk alone (no earlier chunks, no cache),
+
+and each chunk's velocity is `(1 - p) * v3 + (p - s) * v2 + s * v1`, with `p` (`prev_chunk_scales`) and `s`
+(`text_scales`) taken from the noise band the chunk is in (`cfg_t_range`).
+
+Distilled checkpoints use one conditional pass. When the first denoised chunk is nearly clean, a copy of it is
+appended that sees only itself, and that chunk's velocity is `w * v + (1 - w) * v_alone` (`nearly_clean_weight`).
+
+A call may start with clean chunks (`num_clean_chunks`): a chunk that just finished is run once more at the clean
+time so that its keys/values enter the cache. They see no caption and their output is not returned.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..models.kv_cache_magi import MagiKVCache
+from ..models.transformer_magi import MagiTransformer3DModel
+
+GUIDANCE_MODES = ("three_branch", "distilled")
+
+
+@dataclass(frozen=True)
+class MagiGuidance:
+    """Guidance settings and the transformer passes they imply.
+
+    Args:
+        mode (`str`): `"three_branch"` (base checkpoints) or `"distilled"` (one pass).
+        cfg_t_range (`Sequence[float]`): lower edges of the noise bands, in time `t` (0 = noise, 1 = clean). A chunk
+            is in the last band whose edge is below its time (with a 1e-7 margin, as the original).
+        prev_chunk_scales (`Sequence[float]`): guidance scale towards earlier chunks, per band.
+        text_scales (`Sequence[float]`): guidance scale towards the caption, per band.
+        nearly_clean_weight (`float`): distilled mode: weight of the normal velocity of a nearly clean first chunk.
+        nearly_clean_threshold (`float`): distilled mode: a first chunk with `t` above this is nearly clean.
+    """
+
+    mode: str = "three_branch"
+    cfg_t_range: Tuple[float, ...] = (0.0, 0.0217, 0.1, 0.3, 0.999)
+    prev_chunk_scales: Tuple[float, ...] = (1.5, 1.5, 1.5, 1.0, 1.0)
+    text_scales: Tuple[float, ...] = (7.5, 7.5, 7.5, 0.0, 0.0)
+    nearly_clean_weight: float = 0.7
+    nearly_clean_threshold: float = 0.3
+
+    def __post_init__(self):
+        if self.mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, got {self.mode!r}.")
+        object.__setattr__(self, "cfg_t_range", tuple(float(edge) for edge in self.cfg_t_range))
+        object.__setattr__(self, "prev_chunk_scales", tuple(float(scale) for scale in self.prev_chunk_scales))
+        object.__setattr__(self, "text_scales", tuple(float(scale) for scale in self.text_scales))
+        if not len(self.cfg_t_range) == len(self.prev_chunk_scales) == len(self.text_scales):
+            raise ValueError(
+                f"cfg_t_range, prev_chunk_scales and text_scales need one entry per band; got lengths "
+                f"{len(self.cfg_t_range)}, {len(self.prev_chunk_scales)}, {len(self.text_scales)}."
+            )
+        if list(self.cfg_t_range) != sorted(self.cfg_t_range):
+            raise ValueError(f"cfg_t_range must be increasing, got {self.cfg_t_range}.")
+        for name in ("prev_chunk_scales", "text_scales"):
+            for scale in getattr(self, name):
+                if math.isnan(scale) or scale < 0:
+                    raise ValueError(f"{name} must hold non-negative numbers, got {getattr(self, name)}.")
+        if not 0.0 <= self.nearly_clean_weight <= 1.0 or math.isnan(self.nearly_clean_weight):
+            raise ValueError(f"nearly_clean_weight must be in [0, 1], got {self.nearly_clean_weight}.")
+
+    @property
+    def cache_writer_caption_dropped(self) -> bool:
+        """`caption_dropped` of the pass that writes the KV cache (the previous-chunks-only pass in three-branch
+        mode, the single conditional pass in distilled mode)."""
+        return self.mode == "three_branch"
+
+    def guidance_scales(self, timestep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`(prev_chunk_scale, text_scale)` of the band each time falls in (float32, shape of `timestep`)."""
+        edges = torch.tensor(self.cfg_t_range, device=timestep.device) - 1e-7
+        band = torch.searchsorted(edges, timestep.float().contiguous()) - 1
+        if band.min() < 0:
+            raise ValueError(f"A chunk time ({timestep.min().item()}) lies below the first guidance band edge.")
+        prev = torch.tensor(self.prev_chunk_scales, device=timestep.device)[band]
+        text = torch.tensor(self.text_scales, device=timestep.device)[band]
+        return prev, text
+
+    def combine(
+        self,
+        cond: torch.Tensor,
+        prev_only: torch.Tensor,
+        uncond: torch.Tensor,
+        timestep: torch.Tensor,
+        chunk_frames: int,
+    ) -> torch.Tensor:
+        """Three-branch mix, chunk by chunk.
+
+        Args:
+            cond, prev_only, uncond (`torch.Tensor` of shape `(batch, channels, num_chunks * chunk_frames, H, W)`):
+                velocities of the caption+earlier-chunks, earlier-chunks-only and unconditional passes.
+            timestep (`torch.Tensor` of shape `(batch, num_chunks)`): time of each chunk.
+        """
+        prev_scale, text_scale = self.guidance_scales(timestep)
+        mixed = []
+        for chunk in range(timestep.shape[1]):
+            frames = slice(chunk * chunk_frames, (chunk + 1) * chunk_frames)
+            p = prev_scale[:, chunk].view(-1, 1, 1, 1, 1)
+            s = text_scale[:, chunk].view(-1, 1, 1, 1, 1)
+            mixed.append((1 - p) * uncond[:, :, frames] + (p - s) * prev_only[:, :, frames] + s * cond[:, :, frames])
+        return torch.cat(mixed, dim=2)
+
+    def predict_velocity(
+        self,
+        transformer: MagiTransformer3DModel,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        negative_prompt_attention_mask: torch.Tensor,
+        first_chunk_index: int,
+        attention_chunk_starts: Sequence[int],
+        kv_cache: Optional[MagiKVCache] = None,
+        num_clean_chunks: int = 0,
+        step_size: Optional[float] = None,
+        attention_kwargs: Optional[dict] = None,
+    ) -> torch.Tensor:
+        """Guided velocity of the denoised chunks of one model call.
+
+        Args:
+            transformer (`MagiTransformer3DModel`)
+            latents (`torch.Tensor` of shape `(batch, channels, num_chunks * chunk_frames, H, W)`): the window, clean
+                re-run chunks first.
+            timestep (`torch.Tensor` of shape `(batch, num_chunks)`): time of each chunk (the clean time for the
+                re-run chunks).
+            prompt_embeds, prompt_attention_mask (`(batch, num_chunks, text_length, text_dim)`,
+                `(batch, num_chunks, text_length)`): caption of each chunk (rows of re-run chunks are ignored: those
+                chunks see the negative caption, as in the original).
+            negative_prompt_embeds, negative_prompt_attention_mask: the unconditional caption of each chunk (the
+                learned null caption, possibly with negative special tokens), same shapes.
+            first_chunk_index, attention_chunk_starts, kv_cache: see `MagiTransformer3DModel.forward`.
+            num_clean_chunks (`int`): leading chunks re-run at the clean time; written to `kv_cache`, not returned.
+            step_size (`float`, *optional*): shortcut step size of distilled checkpoints.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, channels, (num_chunks - num_clean_chunks) * chunk_frames, H, W)`.
+        """
+        num_chunks = timestep.shape[1]
+        chunk_frames = latents.shape[2] // num_chunks
+        clean_frames = num_clean_chunks * chunk_frames
+        if num_clean_chunks:
+            prompt_embeds = torch.cat(
+                [negative_prompt_embeds[:, :num_clean_chunks], prompt_embeds[:, num_clean_chunks:]], dim=1
+            )
+            prompt_attention_mask = torch.cat(
+                [negative_prompt_attention_mask[:, :num_clean_chunks], prompt_attention_mask[:, num_clean_chunks:]],
+                dim=1,
+            )
+        call = dict(
+            first_chunk_index=first_chunk_index,
+            attention_chunk_starts=attention_chunk_starts,
+            kv_cache=kv_cache,
+            step_size=step_size,
+            attention_kwargs=attention_kwargs,
+        )
+
+        if self.mode == "distilled":
+            return self._distilled_velocity(
+                transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call
+            )
+
+        cond = transformer(
+            latents, timestep, prompt_embeds, prompt_attention_mask, caption_dropped=False, **call
+        ).sample[:, :, clean_frames:]
+        prev_only = transformer(
+            latents,
+            timestep,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            caption_dropped=True,
+            num_chunks_to_cache=num_clean_chunks,
+            **call,
+        ).sample[:, :, clean_frames:]
+        uncond = self._unconditional_velocity(
+            transformer,
+            latents[:, :, clean_frames:],
+            timestep[:, num_clean_chunks:],
+            negative_prompt_embeds[:, num_clean_chunks:],
+            negative_prompt_attention_mask[:, num_clean_chunks:],
+            step_size,
+            attention_kwargs,
+        )
+        return self.combine(cond, prev_only, uncond, timestep[:, num_clean_chunks:], chunk_frames)
+
+    def cache_clean_chunks(
+        self,
+        transformer: MagiTransformer3DModel,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        negative_prompt_attention_mask: torch.Tensor,
+        first_chunk_index: int,
+        attention_chunk_starts: Sequence[int],
+        kv_cache: MagiKVCache,
+        step_size: Optional[float] = None,
+        attention_kwargs: Optional[dict] = None,
+    ) -> torch.Tensor:
+        """Write the keys/values of clean chunks (a video prefix) to `kv_cache` with the pass that writes the cache
+        in this guidance mode. Returns that pass's raw output (of no use to sampling). Shapes as in
+        `predict_velocity`."""
+        return transformer(
+            latents,
+            timestep,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            first_chunk_index=first_chunk_index,
+            attention_chunk_starts=attention_chunk_starts,
+            kv_cache=kv_cache,
+            num_chunks_to_cache=timestep.shape[1],
+            caption_dropped=self.cache_writer_caption_dropped,
+            step_size=step_size,
+            attention_kwargs=attention_kwargs,
+        ).sample
+
+    @staticmethod
+    def _unconditional_velocity(
+        transformer, latents, timestep, negative_prompt_embeds, negative_prompt_attention_mask, step_size, attention_kwargs
+    ) -> torch.Tensor:
+        """Each chunk alone, as its own batch element: (batch, C, n * f, H, W) -> (batch * n, C, f, H, W)."""
+        batch_size, channels, frames, height, width = latents.shape
+        num_chunks = timestep.shape[1]
+        chunks = latents.unflatten(2, (num_chunks, -1)).transpose(1, 2).flatten(0, 1)
+        velocity = transformer(
+            chunks,
+            timestep.reshape(-1, 1),
+            negative_prompt_embeds.flatten(0, 1)[:, None],
+            negative_prompt_attention_mask.flatten(0, 1)[:, None],
+            caption_dropped=True,
+            step_size=step_size,
+            attention_kwargs=attention_kwargs,
+        ).sample
+        return velocity.unflatten(0, (batch_size, num_chunks)).transpose(1, 2).flatten(2, 3)
+
+    def _distilled_velocity(
+        self, transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call
+    ) -> torch.Tensor:
+        num_chunks = timestep.shape[1]
+        chunk_frames = latents.shape[2] // num_chunks
+        clean_frames = num_clean_chunks * chunk_frames
+        first = num_clean_chunks  # the first denoised chunk
+        nearly_clean = float(timestep[0, first]) > self.nearly_clean_threshold
+        if not nearly_clean:
+            return transformer(
+                latents,
+                timestep,
+                prompt_embeds,
+                prompt_attention_mask,
+                caption_dropped=False,
+                num_chunks_to_cache=num_clean_chunks,
+                **call,
+            ).sample[:, :, clean_frames:]
+
+        # Append a copy of the first denoised chunk that attends only to itself.
+        first_frames = slice(first * chunk_frames, (first + 1) * chunk_frames)
+        appended_index = call["first_chunk_index"] + num_chunks
+        call = dict(call, attention_chunk_starts=[*call["attention_chunk_starts"], appended_index])
+        velocity = transformer(
+            torch.cat([latents, latents[:, :, first_frames]], dim=2),
+            torch.cat([timestep, timestep[:, first : first + 1]], dim=1),
+            torch.cat([prompt_embeds, prompt_embeds[:, first : first + 1]], dim=1),
+            torch.cat([prompt_attention_mask, prompt_attention_mask[:, first : first + 1]], dim=1),
+            caption_dropped=False,
+            num_chunks_to_cache=num_clean_chunks,
+            **call,
+        ).sample
+        velocity, alone = velocity[:, :, : num_chunks * chunk_frames], velocity[:, :, num_chunks * chunk_frames :]
+        weight = self.nearly_clean_weight
+        blended = velocity[:, :, first_frames] * weight + alone * (1 - weight)
+        return torch.cat([blended, velocity[:, :, (first + 1) * chunk_frames :]], dim=2)
