@@ -50,7 +50,8 @@ def _decode(model: AutoencoderMagi, latents: torch.Tensor, mode: str) -> int:
     """Decode ``latents`` the way ``mode`` says; return the number of frames produced."""
     with torch.no_grad():
         if mode == "per-chunk":
-            frames = [video_to_uint8(model.decode(chunk).sample) for chunk in latents.split(LATENT_FRAMES_PER_CHUNK, 2)]
+            chunks = latents.split(LATENT_FRAMES_PER_CHUNK, dim=2)
+            frames = [video_to_uint8(model.decode(chunk).sample) for chunk in chunks]
             return sum(f.shape[1] for f in frames)
         return model.decode(latents).sample.shape[2]
 
@@ -63,7 +64,8 @@ def _worker(args) -> None:
         model.disable_tiling()
     else:
         model.enable_tiling(tile_sample_min_height=args.tile_size, tile_sample_min_width=args.tile_size)
-    shape = (1, model.config.latent_channels, LATENT_FRAMES_PER_CHUNK * args.chunks, args.latent_size, args.latent_size)
+    num_latent_frames = LATENT_FRAMES_PER_CHUNK * args.chunks
+    shape = (1, model.config.latent_channels, num_latent_frames, args.latent_size, args.latent_size)
     latents = torch.randn(shape, device=device, dtype=dtype)
     # Load kernels, thread pools and code pages on a tiny input first, so that they do not count as decode memory.
     _decode(model, latents[..., :2, :2], args.mode)

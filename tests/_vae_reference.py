@@ -87,9 +87,8 @@ class Case:
                     call = ast.parse(line[start:end]).body[0].value
                 except SyntaxError:  # prose that merely mentions the function, e.g. "VaeHelper.encode(... tile 256)"
                     continue
-                found.append(
-                    (match.group(1), [_literal(a) for a in call.args], {k.arg: _literal(k.value) for k in call.keywords})
-                )
+                args = [_literal(arg) for arg in call.args]
+                found.append((match.group(1), args, {kw.arg: _literal(kw.value) for kw in call.keywords}))
         return found
 
     def weights_sha256_ok(self) -> bool:

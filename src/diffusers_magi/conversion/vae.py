@@ -88,7 +88,8 @@ def convert_vae_config(original_config: dict) -> dict:
     """
     if original_config.get("_class_name") != "ViTVAE":
         raise ValueError(
-            f"expected an original MAGI-1 VAE config with `_class_name: ViTVAE`, got {original_config.get('_class_name')!r}."
+            "expected an original MAGI-1 VAE config with `_class_name: ViTVAE`, got"
+            f" {original_config.get('_class_name')!r}."
         )
     if original_config.get("model_type", "vit") != "vit":
         raise ValueError(f"only `model_type: vit` is supported, got {original_config['model_type']!r}.")

@@ -229,8 +229,8 @@ class MagiVAEDecoder(_MagiVAETrunk):
         # (B, T, H, W, pt, p, p, C) -> (B, C, T, pt, H, p, W, p) -> (B, C, T*pt, H*p, W*p)
         hidden_states = hidden_states.reshape(batch_size, num_frames, height, width, pt, p, p, self.unpatch_channels)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        hidden_states = hidden_states.reshape(batch_size, self.unpatch_channels, num_frames * pt, height * p, width * p)
-        return self.conv_out(hidden_states)
+        output_shape = (batch_size, self.unpatch_channels, num_frames * pt, height * p, width * p)
+        return self.conv_out(hidden_states.reshape(output_shape))
 
 
 class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
@@ -353,42 +353,36 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
             spatial_tile_overlap_factor (`float`, *optional*): fraction of a tile shared with its neighbour, in [0, 1).
             temporal_tile_overlap_factor (`float`, *optional*): the same in time, in [0, 1).
         """
-        height = self.tile_sample_min_height if tile_sample_min_height is None else tile_sample_min_height
-        width = self.tile_sample_min_width if tile_sample_min_width is None else tile_sample_min_width
-        num_frames = self.tile_sample_min_num_frames if tile_sample_min_num_frames is None else tile_sample_min_num_frames
-        spatial = self.spatial_tile_overlap_factor if spatial_tile_overlap_factor is None else spatial_tile_overlap_factor
-        temporal = (
-            self.temporal_tile_overlap_factor if temporal_tile_overlap_factor is None else temporal_tile_overlap_factor
-        )
+        requested = {
+            "tile_sample_min_height": tile_sample_min_height,
+            "tile_sample_min_width": tile_sample_min_width,
+            "tile_sample_min_num_frames": tile_sample_min_num_frames,
+            "spatial_tile_overlap_factor": spatial_tile_overlap_factor,
+            "temporal_tile_overlap_factor": temporal_tile_overlap_factor,
+        }
+        plan = {name: getattr(self, name) if value is None else value for name, value in requested.items()}
         p, pt = self.config.patch_size, self.config.patch_size_t
-        for name, value, multiple in (
-            ("tile_sample_min_height", height, p),
-            ("tile_sample_min_width", width, p),
-            ("tile_sample_min_num_frames", num_frames, pt),
+        for name in ("spatial_tile_overlap_factor", "temporal_tile_overlap_factor"):
+            if not 0 <= plan[name] < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {plan[name]}.")
+        for name, overlap, multiple in (
+            ("tile_sample_min_height", plan["spatial_tile_overlap_factor"], p),
+            ("tile_sample_min_width", plan["spatial_tile_overlap_factor"], p),
+            ("tile_sample_min_num_frames", plan["temporal_tile_overlap_factor"], pt),
         ):
-            if value <= 0 or value % multiple != 0:
-                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {value}.")
-        for name, value in (("spatial_tile_overlap_factor", spatial), ("temporal_tile_overlap_factor", temporal)):
-            if not 0 <= value < 1:
-                raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
-        for name, size, overlap, multiple in (
-            ("tile_sample_min_height", height, spatial, p),
-            ("tile_sample_min_width", width, spatial, p),
-            ("tile_sample_min_num_frames", num_frames, temporal, pt),
-        ):
-            stride = int(size * (1 - overlap))
-            if stride % multiple != 0 or int(size // multiple * (1 - overlap)) == 0:
+            size = plan[name]
+            if size <= 0 or size % multiple != 0:
+                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {size}.")
+            # Encoding steps through pixels, decoding through latents: both strides must land on latent positions.
+            if int(size * (1 - overlap)) % multiple != 0 or int(size // multiple * (1 - overlap)) == 0:
                 raise ValueError(
-                    f"`{name}`={size} with overlap {overlap} gives a tile stride of {stride} pixels/frames, which must"
-                    f" be a positive multiple of {multiple} (in input and latent units) so that tiles align with"
-                    " latent positions; choose a size and overlap such as 256 and 0.25."
+                    f"`{name}`={size} with overlap {overlap} gives a tile stride of {int(size * (1 - overlap))},"
+                    f" which must be a positive multiple of {multiple} so that tiles start on latent positions;"
+                    " choose a size and overlap such as 256 and 0.25."
                 )
+        for name, value in plan.items():
+            setattr(self, name, value)
         self.use_tiling = True
-        self.tile_sample_min_height = height
-        self.tile_sample_min_width = width
-        self.tile_sample_min_num_frames = num_frames
-        self.spatial_tile_overlap_factor = spatial
-        self.temporal_tile_overlap_factor = temporal
 
     # ------------------------------------------------------------------ input checks
 
@@ -466,11 +460,11 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
         the previous slab's tiles are kept (for the temporal cross-fade), so memory is bounded by one slab.
         """
         p, pt = self.config.patch_size, self.config.patch_size_t
-        tile_t, tile_h, tile_w = self.tile_sample_min_num_frames, self.tile_sample_min_height, self.tile_sample_min_width
+        tile_t = self.tile_sample_min_num_frames
+        tile_h, tile_w = self.tile_sample_min_height, self.tile_sample_min_width
         spatial, temporal = self.spatial_tile_overlap_factor, self.temporal_tile_overlap_factor
         stride_t = int(tile_t * (1 - temporal))
-        stride_h = int(tile_h * (1 - spatial))
-        stride_w = int(tile_w * (1 - spatial))
+        stride_h, stride_w = int(tile_h * (1 - spatial)), int(tile_w * (1 - spatial))
         latent_t, latent_h, latent_w = tile_t // pt, tile_h // p, tile_w // p
         blend_t, blend_h, blend_w = int(latent_t * temporal), int(latent_h * spatial), int(latent_w * spatial)
         keep_t, keep_h, keep_w = latent_t - blend_t, latent_h - blend_h, latent_w - blend_w
@@ -479,7 +473,10 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
         slabs, previous_slab = [], None
         for t in range(0, num_frames, stride_t):
             tiles = [
-                [self._encode_span(x[:, :, t : t + tile_t, i : i + tile_h, j : j + tile_w]) for j in range(0, width, stride_w)]
+                [
+                    self._encode_span(x[:, :, t : t + tile_t, i : i + tile_h, j : j + tile_w])
+                    for j in range(0, width, stride_w)
+                ]
                 for i in range(0, height, stride_h)
             ]
             rows = []
