@@ -152,12 +152,13 @@ class _MagiVAETrunk(nn.Module):
         self.norm_out = nn.LayerNorm(dim, eps=1e-5)
 
     def run_trunk(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """``tokens``: ``(B, T*H*W, D)`` in (t, h, w) order -> ``(B, T*H*W, D)`` after the blocks and final norm."""
+        """``tokens``: ``(B, T*H*W, D)`` in (t, h, w) order -> ``(B, 1 + T*H*W, D)``, class token first, after the
+        blocks and the final norm."""
         hidden_states = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         hidden_states = hidden_states + _position_embedding_for_grid(self.pos_embed, self.pos_grid, grid)
         for block in self.blocks:
             hidden_states = block(hidden_states)
-        return self.norm_out(hidden_states)[:, 1:]
+        return self.norm_out(hidden_states)
 
 
 class MagiVAEEncoder(_MagiVAETrunk):
@@ -190,7 +191,8 @@ class MagiVAEEncoder(_MagiVAETrunk):
         tokens = self.patch_embed(sample)
         grid = tuple(tokens.shape[2:])
         hidden_states = self.run_trunk(tokens.flatten(2).transpose(1, 2), grid)
-        moments = self.proj_out(hidden_states)
+        # Project before dropping the class token, as the original (the same GEMM shape keeps bf16 results bit-equal).
+        moments = self.proj_out(hidden_states)[:, 1:]
         return moments.reshape(batch_size, *grid, -1).permute(0, 4, 1, 2, 3)
 
 
@@ -224,7 +226,7 @@ class MagiVAEDecoder(_MagiVAETrunk):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         batch_size, channels, num_frames, height, width = latents.shape
         tokens = self.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(batch_size, -1, channels))
-        hidden_states = self.run_trunk(tokens, (num_frames, height, width))
+        hidden_states = self.run_trunk(tokens, (num_frames, height, width))[:, 1:]
         p, pt = self.patch_size, self.patch_size_t
         # (B, T, H, W, pt, p, p, C) -> (B, C, T, pt, H, p, W, p) -> (B, C, T*pt, H*p, W*p)
         hidden_states = hidden_states.reshape(batch_size, num_frames, height, width, pt, p, p, self.unpatch_channels)
