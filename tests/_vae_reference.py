@@ -27,7 +27,7 @@ from diffusers_magi.pipelines.video_processing_magi import (
 from .conftest import REFERENCE_DIR
 
 VAE_REFERENCE_DIR = REFERENCE_DIR / "vae"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # What the original pipeline hard-codes around the VAE (inference/pipeline/video_process.py).
 PIPELINE_TILE_SIZE = 256
 PIPELINE_SPATIAL_OVERLAP = 0.25
@@ -46,7 +46,7 @@ class Case:
         self.spec = json.loads((self.dir / "case.json").read_text())
         self.inputs = load_file(self.dir / "inputs.safetensors") if (self.dir / "inputs.safetensors").exists() else {}
         self.outputs = load_file(self.dir / "outputs.safetensors")
-        self.dtype = DTYPES[self.spec.get("dtype", "float32")]
+        self.dtype = DTYPES[self.spec.get("dtype", "float32").removeprefix("torch.")]
         self.calls = self.spec.get("call", [])
 
     @property

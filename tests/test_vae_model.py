@@ -1,5 +1,5 @@
 """AutoencoderMagi behaviour that needs no reference data: save/load, the tile plan's rules, chunk-wise decoding,
-slicing, bf16, and the errors for inputs the VAE cannot take."""
+slicing, offloading, bf16, and the errors for inputs the VAE cannot take."""
 
 import diffusers
 import pytest
@@ -161,6 +161,26 @@ def test_bfloat16_smoke(vae):
     assert latent.dtype == decoded.dtype == torch.bfloat16
     assert torch.isfinite(decoded.float()).all()
     assert relative_max_error(decoded, reference) < 0.1
+
+
+@torch.no_grad()
+def test_group_offload_and_device_map_give_the_same_output(vae, tmp_path):
+    video = random_video(1, 3, 12, 32, 32)
+    reference = vae(video).sample
+    offloaded = tiny_vae()
+    cpu = torch.device("cpu")
+    offloaded.enable_group_offload(
+        onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+    )
+    assert torch.equal(offloaded(video).sample, reference)
+
+    vae.save_pretrained(tmp_path)
+    # A tiny CPU budget sends whole transformer blocks (never split: _no_split_modules) to disk.
+    mapped = AutoencoderMagi.from_pretrained(
+        tmp_path, device_map="auto", max_memory={"cpu": "3MB"}, offload_folder=tmp_path / "offload"
+    )
+    assert "disk" in set(mapped.hf_device_map.values())
+    assert torch.equal(mapped(video).sample, reference)
 
 
 @pytest.mark.parametrize(
