@@ -113,9 +113,10 @@ def _converted_model(path: str, dtype: torch.dtype):
 
 
 def _tiling_from_helper_call(kwargs: dict) -> dict:
-    """``enable_tiling`` arguments equal to a recorded ``VaeHelper.encode/decode(...)`` call."""
-    if kwargs.get("allow_spatial_tiling", True) is False:
-        raise NotImplementedError("cases without spatial tiling are not recorded")
+    """``enable_tiling`` arguments equal to a recorded ``VaeHelper.encode/decode(...)`` call (its defaults: what the
+    pipeline's ``encode_prefix_video`` / ``decode_chunk`` pass, except the temporal tile of ``fps // 2`` frames)."""
+    if kwargs.get("allow_spatial_tiling", True) is False:  # the original then uses 100000-pixel tiles
+        kwargs = {**kwargs, "tile_sample_min_height": 100000, "tile_sample_min_width": 100000}
     return dict(
         tile_sample_min_height=kwargs.get("tile_sample_min_height", PIPELINE_TILE_SIZE),
         tile_sample_min_width=kwargs.get("tile_sample_min_width", PIPELINE_TILE_SIZE),
@@ -125,24 +126,13 @@ def _tiling_from_helper_call(kwargs: dict) -> dict:
     )
 
 
-def _pipeline_tiling(fps: int) -> dict:
-    """The tile plan ``encode_prefix_video`` / ``decode_chunk`` hard-code for a given fps."""
-    return dict(
-        tile_sample_min_height=PIPELINE_TILE_SIZE,
-        tile_sample_min_width=PIPELINE_TILE_SIZE,
-        tile_sample_min_num_frames=fps // 2,
-        spatial_tile_overlap_factor=PIPELINE_SPATIAL_OVERLAP,
-        temporal_tile_overlap_factor=PIPELINE_TEMPORAL_OVERLAP,
-    )
-
-
 def _encode_tiling(case: Case) -> dict:
     helper_calls = case.find_calls("VaeHelper.encode")
     if helper_calls:
         return _tiling_from_helper_call(helper_calls[0][2])
     prefix_calls = case.find_calls("encode_prefix_video")
     fps = prefix_calls[0][1][1] if prefix_calls and isinstance(prefix_calls[0][1][1], int) else PIPELINE_FPS
-    return _pipeline_tiling(fps)
+    return _tiling_from_helper_call({"tile_sample_min_length": fps // 2})  # what encode_prefix_video passes
 
 
 def _decode_tiling(case: Case) -> dict:
@@ -150,7 +140,8 @@ def _decode_tiling(case: Case) -> dict:
     if helper_calls:
         return _tiling_from_helper_call(helper_calls[0][2])
     fps = re.search(r"fps=(\d+)", " ".join(case.calls))
-    return _pipeline_tiling(int(fps.group(1)) if fps else PIPELINE_FPS)
+    fps = int(fps.group(1)) if fps else PIPELINE_FPS
+    return _tiling_from_helper_call({"tile_sample_min_length": fps // 2})  # what decode_chunk passes
 
 
 def _pipeline_encode(model, frames: torch.Tensor, tiling: dict) -> dict[str, torch.Tensor]:
