@@ -52,6 +52,55 @@ def _blend(previous: torch.Tensor, tile: torch.Tensor, dim: int, extent: int) ->
     return tile
 
 
+def _map_tiles(
+    x: torch.Tensor,
+    span_fn,
+    tile: tuple[int, int, int],
+    stride: tuple[int, int, int],
+    blend: tuple[int, int, int],
+    keep: tuple[int, int, int],
+    blend_in_place: bool,
+) -> torch.Tensor:
+    """Apply ``span_fn`` to overlapping ``tile``-sized boxes of ``x`` ``(B, C, T, H, W)`` and stitch the results.
+
+    Boxes start every ``stride`` (input units). Each result is cross-faded with its previous neighbour in time, then
+    height, then width over ``blend`` slices (output units), cropped to its first ``keep`` slices, and the crops are
+    concatenated. With ``blend_in_place`` the results themselves are cross-faded, so later tiles read neighbours that
+    were already cross-faded; otherwise a copy is, against the neighbours as computed. Temporal slabs are processed
+    one after another and the previous one is kept only while it is blended with, so memory is one or two slabs.
+    """
+    slabs, previous_slab = [], None
+    for t in range(0, x.shape[2], stride[0]):
+        results = [
+            [
+                span_fn(x[:, :, t : t + tile[0], i : i + tile[1], j : j + tile[2]])
+                for j in range(0, x.shape[4], stride[2])
+            ]
+            for i in range(0, x.shape[3], stride[1])
+        ]
+        rows = []
+        for i, row in enumerate(results):
+            cropped = []
+            for j, result in enumerate(row):
+                neighbours = [
+                    (neighbour, dim, extent)
+                    for neighbour, dim, extent in (
+                        (previous_slab[i][j] if previous_slab is not None else None, 2, blend[0]),
+                        (results[i - 1][j] if i > 0 else None, 3, blend[1]),
+                        (row[j - 1] if j > 0 else None, 4, blend[2]),
+                    )
+                    if neighbour is not None
+                ]
+                tile_out = result if blend_in_place or not neighbours else result.clone()
+                for neighbour, dim, extent in neighbours:
+                    _blend(neighbour, tile_out, dim, extent)
+                cropped.append(tile_out[:, :, : keep[0], : keep[1], : keep[2]])
+            rows.append(torch.cat(cropped, dim=4))
+        slabs.append(torch.cat(rows, dim=3))
+        previous_slab = results if blend[0] > 0 else None
+    return torch.cat(slabs, dim=2)
+
+
 def _position_embedding_for_grid(
     pos_embed: torch.Tensor, pos_grid: tuple[int, int, int], grid: tuple[int, int, int]
 ) -> torch.Tensor:
@@ -418,9 +467,8 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
         """Frame counts of the spans ``encode`` feeds to the encoder: the temporal tiles, or the whole input."""
         if not self.use_tiling:
             return [num_frames]
-        tile = self.tile_sample_min_num_frames
-        stride = int(tile * (1 - self.temporal_tile_overlap_factor))
-        return [min(tile, num_frames - start) for start in range(0, num_frames, stride)]
+        tile, stride, _, _ = self._tile_plan(for_encode=True)
+        return [min(tile[0], num_frames - start) for start in range(0, num_frames, stride[0])]
 
     def _encodable_num_frames(self, num_frames: int) -> bool:
         pt = self.config.patch_size_t
@@ -454,92 +502,40 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ tiled passes
 
+    def _tile_plan(self, for_encode: bool) -> tuple[tuple[int, int, int], ...]:
+        """(tile, stride) in input units and (blend, keep) in output units, each as (frames, height, width).
+
+        Encoding tiles pixels and blends latents; decoding tiles latents and blends pixels. The rounding (``int`` of
+        size times overlap) is the original ``TileProcessor``'s.
+        """
+        p, pt = self.config.patch_size, self.config.patch_size_t
+        spatial, temporal = self.spatial_tile_overlap_factor, self.temporal_tile_overlap_factor
+        overlaps = (temporal, spatial, spatial)
+        pixel_tile = (self.tile_sample_min_num_frames, self.tile_sample_min_height, self.tile_sample_min_width)
+        latent_tile = (pixel_tile[0] // pt, pixel_tile[1] // p, pixel_tile[2] // p)
+        tile, output_tile = (pixel_tile, latent_tile) if for_encode else (latent_tile, pixel_tile)
+        stride = tuple(int(size * (1 - overlap)) for size, overlap in zip(tile, overlaps))
+        blend = tuple(int(size * overlap) for size, overlap in zip(output_tile, overlaps))
+        keep = tuple(size - extent for size, extent in zip(output_tile, blend))
+        return tile, stride, blend, keep
+
     def tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
         r"""
         Posterior moments of ``x`` ``(B, C, T, H, W)`` computed tile by tile with the plan of ``enable_tiling``.
 
-        Returns ``(B, 2 * latent_channels, T', H / p, W / p)``. Temporal slabs are processed one after another and only
-        the previous slab's tiles are kept (for the temporal cross-fade), so memory is bounded by one slab.
+        Returns ``(B, 2 * latent_channels, T', H / p, W / p)``. As in the original, tiles are cross-faded in place, so
+        a tile reads neighbours that were already cross-faded with their own neighbours.
         """
-        p, pt = self.config.patch_size, self.config.patch_size_t
-        tile_t = self.tile_sample_min_num_frames
-        tile_h, tile_w = self.tile_sample_min_height, self.tile_sample_min_width
-        spatial, temporal = self.spatial_tile_overlap_factor, self.temporal_tile_overlap_factor
-        stride_t = int(tile_t * (1 - temporal))
-        stride_h, stride_w = int(tile_h * (1 - spatial)), int(tile_w * (1 - spatial))
-        latent_t, latent_h, latent_w = tile_t // pt, tile_h // p, tile_w // p
-        blend_t, blend_h, blend_w = int(latent_t * temporal), int(latent_h * spatial), int(latent_w * spatial)
-        keep_t, keep_h, keep_w = latent_t - blend_t, latent_h - blend_h, latent_w - blend_w
-
-        _, _, num_frames, height, width = x.shape
-        slabs, previous_slab = [], None
-        for t in range(0, num_frames, stride_t):
-            tiles = [
-                [
-                    self._encode_span(x[:, :, t : t + tile_t, i : i + tile_h, j : j + tile_w])
-                    for j in range(0, width, stride_w)
-                ]
-                for i in range(0, height, stride_h)
-            ]
-            rows = []
-            for i, row in enumerate(tiles):
-                for j, tile in enumerate(row):
-                    # In place, like the original: later tiles read neighbours that are already cross-faded.
-                    if previous_slab is not None:
-                        _blend(previous_slab[i][j], tile, 2, blend_t)
-                    if i > 0:
-                        _blend(tiles[i - 1][j], tile, 3, blend_h)
-                    if j > 0:
-                        _blend(row[j - 1], tile, 4, blend_w)
-                rows.append(torch.cat([tile[:, :, :keep_t, :keep_h, :keep_w] for tile in row], dim=4))
-            slabs.append(torch.cat(rows, dim=3))
-            previous_slab = tiles if blend_t > 0 else None
-        return torch.cat(slabs, dim=2)
+        return _map_tiles(x, self._encode_span, *self._tile_plan(for_encode=True), blend_in_place=True)
 
     def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
         r"""
         Decode latents ``z`` ``(B, latent_channels, T, H, W)`` tile by tile with the plan of ``enable_tiling``.
 
-        Returns ``(B, out_channels, T', H * p, W * p)``. Temporal slabs are processed one after another and only the
-        previous slab's tiles are kept (for the temporal cross-fade), so memory is bounded by one slab.
+        Returns ``(B, out_channels, T', H * p, W * p)``. As in the original, each tile is cross-faded with its
+        neighbours as decoded (not as cross-faded).
         """
-        p, pt = self.config.patch_size, self.config.patch_size_t
-        spatial, temporal = self.spatial_tile_overlap_factor, self.temporal_tile_overlap_factor
-        latent_t = self.tile_sample_min_num_frames // pt
-        latent_h, latent_w = self.tile_sample_min_height // p, self.tile_sample_min_width // p
-        stride_t = int(latent_t * (1 - temporal))
-        stride_h, stride_w = int(latent_h * (1 - spatial)), int(latent_w * (1 - spatial))
-        sample_t, sample_h, sample_w = latent_t * pt, latent_h * p, latent_w * p
-        blend_t, blend_h, blend_w = int(sample_t * temporal), int(sample_h * spatial), int(sample_w * spatial)
-        keep_t, keep_h, keep_w = sample_t - blend_t, sample_h - blend_h, sample_w - blend_w
-
-        _, _, num_frames, height, width = z.shape
-        slabs, previous_slab = [], None
-        for t in range(0, num_frames, stride_t):
-            tiles = [
-                [
-                    self._decode_span(z[:, :, t : t + latent_t, i : i + latent_h, j : j + latent_w])
-                    for j in range(0, width, stride_w)
-                ]
-                for i in range(0, height, stride_h)
-            ]
-            rows = []
-            for i, row in enumerate(tiles):
-                cropped = []
-                for j, decoded in enumerate(row):
-                    # Cross-fade a copy with the neighbours as decoded (not as cross-faded), like the original.
-                    tile = decoded.clone() if (previous_slab is not None or i > 0 or j > 0) else decoded
-                    if previous_slab is not None:
-                        _blend(previous_slab[i][j], tile, 2, blend_t)
-                    if i > 0:
-                        _blend(tiles[i - 1][j], tile, 3, blend_h)
-                    if j > 0:
-                        _blend(row[j - 1], tile, 4, blend_w)
-                    cropped.append(tile[:, :, :keep_t, :keep_h, :keep_w])
-                rows.append(torch.cat(cropped, dim=4))
-            slabs.append(torch.cat(rows, dim=3))
-            previous_slab = tiles if blend_t > 0 else None
-        decoded = torch.cat(slabs, dim=2)
+        decoded = _map_tiles(z, self._decode_span, *self._tile_plan(for_encode=False), blend_in_place=False)
         if not return_dict:
             return (decoded,)
         return DecoderOutput(sample=decoded)
