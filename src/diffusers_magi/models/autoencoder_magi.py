@@ -446,7 +446,7 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
         if x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"`x` has {x.shape[1]} channels but this VAE takes {self.config.in_channels}; pass (batch, channels,"
-                " frames, height, width) with RGB channels in [-1, 1]."
+                " frames, height, width) with values in [-1, 1]."
             )
         p = self.config.patch_size
         if x.shape[3] % p != 0 or x.shape[4] % p != 0:
