@@ -22,6 +22,9 @@ setup(
         "imageio>=2.30",
         "imageio-ffmpeg>=0.5",
         "numpy",
+        # prompt cleaning exactly as MAGI-1's T5 embedder does it
+        "ftfy",
+        "beautifulsoup4",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

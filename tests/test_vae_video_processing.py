@@ -53,10 +53,11 @@ def test_frames_to_video_maps_uint8_to_minus_one_one():
 def test_postprocess_output_types():
     video = torch.rand(1, 3, 2, 8, 16) * 2 - 1
     frames = postprocess_video(video, "pt")
-    assert frames.shape == (1, 2, 3, 8, 16) and frames.dtype == torch.uint8
+    assert frames.shape == (1, 2, 3, 8, 16) and frames.dtype == torch.float32
+    assert torch.equal(frames * 255, video_to_uint8(video).float())
     array = postprocess_video(video, "np")
     assert array.shape == (1, 2, 8, 16, 3) and array.dtype == np.float32
-    assert np.array_equal(array * 255, frames.permute(0, 1, 3, 4, 2).numpy().astype(np.float32))
+    assert np.array_equal(array, frames.permute(0, 1, 3, 4, 2).numpy())
     images = postprocess_video(video, "pil")
     assert len(images) == 1 and len(images[0]) == 2 and images[0][0].size == (16, 8)
     with pytest.raises(ValueError, match="output_type"):

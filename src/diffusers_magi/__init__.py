@@ -5,14 +5,31 @@ Importing this package registers its classes with Diffusers, so that ``Diffusion
 """
 
 from .models import AutoencoderMagi, MagiKVCache, MagiTransformer3DModel
+from .pipelines import (
+    MagiChunkOutput,
+    MagiGuidance,
+    MagiImageToVideoPipeline,
+    MagiPipeline,
+    MagiPipelineOutput,
+    MagiVideoToVideoPipeline,
+    write_video_stream,
+)
+from .schedulers import MagiChunkScheduler
 from ._registration import register_with_diffusers
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AutoencoderMagi",
+    "MagiChunkOutput",
+    "MagiChunkScheduler",
+    "MagiGuidance",
+    "MagiImageToVideoPipeline",
     "MagiKVCache",
+    "MagiPipeline",
+    "MagiPipelineOutput",
     "MagiTransformer3DModel",
+    "MagiVideoToVideoPipeline",
 ]
 
 register_with_diffusers()

@@ -1,1 +1,8 @@
 """MAGI-1 pipelines and their pre/post-processing."""
+
+from .guidance_magi import MagiGuidance
+from .pipeline_magi import MagiPipeline
+from .pipeline_magi_i2v import MagiImageToVideoPipeline
+from .pipeline_magi_v2v import MagiVideoToVideoPipeline
+from .pipeline_output import MagiChunkOutput, MagiPipelineOutput
+from .video_export_magi import write_video_stream

@@ -159,12 +159,13 @@ def postprocess_video(video: torch.Tensor, output_type: str = "np"):
 
     Args:
         video: the VAE's decoded video.
-        output_type: ``"pt"``: uint8 tensor ``(B, T, C, H, W)``; ``"np"``: float32 array ``(B, T, H, W, C)`` in
-            ``[0, 1]`` (the uint8 frames divided by 255); ``"pil"``: a list (per video) of lists of PIL images.
+        output_type: ``"pt"``: float32 tensor ``(B, T, C, H, W)`` in ``[0, 1]``; ``"np"``: float32 array
+            ``(B, T, H, W, C)`` in ``[0, 1]`` (both are the uint8 frames divided by 255); ``"pil"``: a list (per
+            video) of lists of PIL images.
     """
     frames = video_to_uint8(video)
     if output_type == "pt":
-        return frames
+        return frames.float() / 255.0
     frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
     if output_type == "np":
         return frames.astype(np.float32) / 255.0

@@ -1,0 +1,650 @@
+"""`MagiPipeline`: MAGI-1 text-to-video, and the chunk-wise generation loop shared with image- and video-to-video.
+
+Reading order of one call: `stream` -> `check_inputs` -> `_prepare` (T5 captions, `_prefix_latents` for I2V/V2V)
+-> `_generate_chunks` (the loop over the scheduler's plan: captions of the window -> guidance -> Euler step -> hand
+out final chunks) -> `_postprocess_chunk` (each chunk decoded on its own). `stream()` yields every chunk as soon as
+it is final; `__call__` collects them.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
+
+from ..models.autoencoder_magi import AutoencoderMagi
+from ..models.kv_cache_magi import MagiKVCache
+from ..models.transformer_magi import MagiTransformer3DModel
+from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
+from .guidance_magi import GUIDANCE_MODES, MagiGuidance
+from .pipeline_output import MagiChunkOutput, MagiPipelineOutput
+from .text_conditioning_magi import (
+    DEFAULT_SPECIAL_TOKENS,
+    chunk_caption_rows,
+    clean_prompt,
+    negative_caption_rows,
+    resolve_chunk_prompts,
+    validate_special_tokens,
+)
+from .video_processing_magi import postprocess_video
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+SPATIAL_COMPRESSION = 8
+TEMPORAL_COMPRESSION = 4
+SIZE_MULTIPLE = 16
+
+
+@dataclass
+class _Generation:
+    """Everything one generation needs once the inputs are checked and encoded."""
+
+    captions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # unique embeds (K, L, C), masks (K, L), rows (B, D)
+    negative: Tuple[torch.Tensor, torch.Tensor]  # unconditional caption (B, L, C), mask (B, L)
+    prefix_latents: Optional[torch.Tensor]  # (B, C, prefix_frames, h, w)
+    batch_size: int
+    num_chunks: int
+    latent_size: Tuple[int, int]
+    num_inference_steps: int
+    guidance: MagiGuidance
+    special_tokens: Tuple[str, ...]
+    output_type: str
+
+    @property
+    def prefix_frames(self) -> int:
+        return 0 if self.prefix_latents is None else self.prefix_latents.shape[2]
+
+
+class MagiPipeline(DiffusionPipeline):
+    r"""
+    MAGI-1 text-to-video: the video is generated chunk by chunk (24 frames each), several chunks in flight at
+    staggered noise levels, each chunk attending to earlier ones through a KV cache.
+
+    Args:
+        transformer ([`MagiTransformer3DModel`]): the diffusion transformer.
+        scheduler ([`MagiChunkScheduler`]): the chunk-wise schedule.
+        vae ([`AutoencoderMagi`], *optional*): needed to decode frames (not for `output_type="latent"`).
+        text_encoder ([`~transformers.T5EncoderModel`], *optional*): t5-v1_1-xxl in the real checkpoints; not needed
+            with `prompt_embeds`.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): the text encoder's tokenizer.
+        guidance_mode (`str`): `"three_branch"` (base checkpoints) or `"distilled"` (one pass); the default of calls.
+        cfg_t_range, prev_chunk_scales, text_scales (`Sequence[float]`): default three-branch guidance table.
+        nearly_clean_weight (`float`): default weight of the nearly-clean blend of distilled checkpoints.
+        nearly_clean_threshold (`float`): time above which a first chunk counts as nearly clean.
+        default_num_inference_steps (`int`): default step budget per chunk.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: MagiTransformer3DModel,
+        scheduler: MagiChunkScheduler,
+        vae: Optional[AutoencoderMagi] = None,
+        text_encoder: Optional[T5EncoderModel] = None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        guidance_mode: str = "three_branch",
+        cfg_t_range: List[float] = (0.0, 0.0217, 0.1, 0.3, 0.999),
+        prev_chunk_scales: List[float] = (1.5, 1.5, 1.5, 1.0, 1.0),
+        text_scales: List[float] = (7.5, 7.5, 7.5, 0.0, 0.0),
+        nearly_clean_weight: float = 0.7,
+        nearly_clean_threshold: float = 0.3,
+        default_num_inference_steps: int = 64,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        if guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}.")
+        self.register_to_config(
+            guidance_mode=guidance_mode,
+            cfg_t_range=list(cfg_t_range),
+            prev_chunk_scales=list(prev_chunk_scales),
+            text_scales=list(text_scales),
+            nearly_clean_weight=nearly_clean_weight,
+            nearly_clean_threshold=nearly_clean_threshold,
+            default_num_inference_steps=default_num_inference_steps,
+        )
+
+    def register_to_config(self, **kwargs):
+        # Components of this package are saved under the library name `diffusers_magi` (not a module path), so that
+        # `import diffusers_magi` is all a saved folder needs to load.
+        for name, value in kwargs.items():
+            if (
+                isinstance(value, (tuple, list))
+                and len(value) == 2
+                and isinstance(value[0], str)
+                and value[0].startswith("diffusers_magi.")
+            ):
+                kwargs[name] = ("diffusers_magi", value[1])
+        super().register_to_config(**kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "MagiPipeline":
+        r"""
+        Another MAGI-1 pipeline (text-, image- or video-to-video) sharing `pipeline`'s components and configuration;
+        keyword arguments replace components or configuration entries.
+
+        Components keep their dtypes: Diffusers' generic `from_pipe` casts every component to one dtype (float32
+        unless `torch_dtype` is given), which would double a bfloat16 transformer or undo its float32 modules. With
+        `torch_dtype` (or a non-MAGI source pipeline) the generic behaviour applies.
+        """
+        if not isinstance(pipeline, MagiPipeline) or {"torch_dtype", "dtype", "custom_pipeline"} & set(kwargs):
+            return super().from_pipe(pipeline, **kwargs)
+        parameters = inspect.signature(cls.__init__).parameters
+        settings = {
+            name: value for name, value in pipeline.config.items() if name in parameters and name not in pipeline.components
+        }
+        return cls(**{**pipeline.components, **settings, **kwargs})
+
+    @property
+    def chunk_width(self) -> int:
+        """Latent frames per chunk."""
+        return self.scheduler.config.chunk_width
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Text
+    # --------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompt: Union[str, List[str]], device: Optional[torch.device] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        T5 embeddings of prompts, cleaned as MAGI-1 cleans them.
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask)` of shapes `(len(prompt), text_length, text_dim)` (float32) and
+            `(len(prompt), text_length)` (int64).
+        """
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no text_encoder/tokenizer; pass `prompt_embeds` and `prompt_attention_mask` "
+                "instead of a prompt, or load the pipeline with its text encoder."
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = device or self._execution_device
+        tokens = self.tokenizer(
+            [clean_prompt(text) for text in prompts],
+            max_length=self.transformer.config.text_length,
+            padding="max_length",
+            truncation=True,
+            return_attention_mask=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        embeds = self.text_encoder(
+            input_ids=tokens.input_ids.to(self.text_encoder.device),
+            attention_mask=tokens.attention_mask.to(self.text_encoder.device),
+        ).last_hidden_state
+        return embeds.float().to(device), tokens.attention_mask.to(device)
+
+    def _caption_bank(
+        self, prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated_chunks: int, device
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unique caption embeddings `(K, L, C)`, their masks `(K, L)` and, for each (video, generated chunk), the
+        index of its caption `(videos, num_generated_chunks)`. Keeping captions unique keeps memory independent of
+        video length."""
+        if prompt_embeds is not None:
+            if prompt_embeds.ndim == 3:
+                rows = torch.arange(prompt_embeds.shape[0])[:, None].expand(-1, num_generated_chunks)
+                return prompt_embeds.float().to(device), prompt_attention_mask.to(device), rows
+            rows = torch.arange(prompt_embeds.shape[0] * num_generated_chunks).view(-1, num_generated_chunks)
+            return prompt_embeds.flatten(0, 1).float().to(device), prompt_attention_mask.flatten(0, 1).to(device), rows
+
+        if chunk_prompts is not None:
+            per_video = chunk_prompts if _is_batch_of_chunk_prompts(chunk_prompts) else [chunk_prompts]
+            per_chunk = [resolve_chunk_prompts(prompts, num_generated_chunks) for prompts in per_video]
+        else:
+            per_chunk = [[text] * num_generated_chunks for text in ([prompt] if isinstance(prompt, str) else prompt)]
+        unique = sorted({text for texts in per_chunk for text in texts})
+        embeds, mask = self.encode_prompt(unique, device)
+        return embeds, mask, torch.tensor([[unique.index(text) for text in texts] for texts in per_chunk])
+
+    def _window_captions(
+        self, generation: _Generation, generated_chunks: Sequence[int], num_generated_chunks: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Conditional caption rows `(batch, chunks, L, C)` of the given generated chunks, special tokens included."""
+        embeds_bank, mask_bank, rows = generation.captions
+        indices = rows[:, list(generated_chunks)]
+        return chunk_caption_rows(
+            self.transformer,
+            embeds_bank[indices],
+            mask_bank[indices],
+            generation.special_tokens,
+            chunk_indices=generated_chunks,
+            num_generated_chunks=num_generated_chunks,
+            negative=generation.negative,
+        )
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Checks and preparation
+    # --------------------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        chunk_prompts,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        output_type: str,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height <= 0 or width <= 0:
+            raise ValueError(
+                f"height and width must be positive multiples of {SIZE_MULTIPLE} (VAE 8x, transformer patch 2x), got "
+                f"height={height}, width={width}."
+            )
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer (frames to generate), got {num_frames!r}.")
+        self.scheduler._check_step_count(num_inference_steps)
+        given = [name for name, value in (("prompt", prompt), ("chunk_prompts", chunk_prompts)) if value is not None]
+        if len(given) == 2:
+            raise ValueError("Pass either prompt (one text per video) or chunk_prompts (one text per chunk), not both.")
+        if prompt_embeds is not None and given:
+            raise ValueError(f"Pass either {given[0]} or prompt_embeds, not both.")
+        if not given and prompt_embeds is None:
+            raise ValueError("Pass a prompt, chunk_prompts, or prompt_embeds with prompt_attention_mask.")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+        for name, embeds, mask in (
+            ("prompt_embeds", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            if embeds is None:
+                continue
+            if mask is None:
+                raise ValueError(f"{name} needs its attention mask ({name.replace('embeds', 'attention_mask')}).")
+            if embeds.ndim not in ((3, 4) if name == "prompt_embeds" else (3,)) or embeds.shape[-1] != self.transformer.config.text_dim:
+                raise ValueError(
+                    f"{name} must be (batch, text_length, {self.transformer.config.text_dim})"
+                    + (" or per chunk (batch, chunks, text_length, text_dim)" if name == "prompt_embeds" else "")
+                    + f", got shape {tuple(embeds.shape)}."
+                )
+            if tuple(mask.shape) != tuple(embeds.shape[:-1]):
+                raise ValueError(f"The attention mask of {name} must have shape {tuple(embeds.shape[:-1])}, got {tuple(mask.shape)}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError("This pipeline has no VAE; use output_type='latent' or load the pipeline with its VAE.")
+        unknown = [name for name in callback_on_step_end_tensor_inputs or () if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
+
+    def _guidance(self, guidance_mode, cfg_t_range, prev_chunk_scales, text_scales, nearly_clean_weight) -> MagiGuidance:
+        config = self.config
+        return MagiGuidance(
+            mode=guidance_mode if guidance_mode is not None else config.guidance_mode,
+            cfg_t_range=cfg_t_range if cfg_t_range is not None else config.cfg_t_range,
+            prev_chunk_scales=prev_chunk_scales if prev_chunk_scales is not None else config.prev_chunk_scales,
+            text_scales=text_scales if text_scales is not None else config.text_scales,
+            nearly_clean_weight=nearly_clean_weight if nearly_clean_weight is not None else config.nearly_clean_weight,
+            nearly_clean_threshold=config.nearly_clean_threshold,
+        )
+
+    def _prefix_latents(self, num_videos: int, height: int, width: int, device: torch.device, **prefix_kwargs):
+        """Clean latents the video starts from, `(num_videos, channels, prefix_frames, h, w)`, or `None`.
+        Text-to-video has no prefix; the image- and video-to-video pipelines override this."""
+        if prefix_kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(prefix_kwargs)}.")
+        return None
+
+    def _check_prefix_latents(self, prefix_latents: torch.Tensor, num_videos: int, height: int, width: int):
+        expected = (self.transformer.latent_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+        if prefix_latents.ndim != 5 or (prefix_latents.shape[1], *prefix_latents.shape[3:]) != expected:
+            raise ValueError(
+                f"prefix_latents must be (batch, {expected[0]}, frames, {expected[1]}, {expected[2]}) for a "
+                f"{height}x{width} video, got {tuple(prefix_latents.shape)}."
+            )
+        if prefix_latents.shape[0] not in (1, num_videos):
+            raise ValueError(f"prefix_latents has batch {prefix_latents.shape[0]}, expected 1 or {num_videos}.")
+        return prefix_latents.expand(num_videos, -1, -1, -1, -1).float()
+
+    def _num_chunks(self, num_frames: int, prefix_frames: int) -> int:
+        """Latent chunks of the whole video: `ceil((num_frames // 4 + prefix latent frames) / chunk_width)`."""
+        num_chunks = math.ceil((num_frames // TEMPORAL_COMPRESSION + prefix_frames) / self.chunk_width)
+        if num_chunks <= prefix_frames // self.chunk_width:
+            raise ValueError(
+                f"num_frames={num_frames} asks for no new chunk after a prefix of {prefix_frames} latent frames; ask "
+                f"for at least {TEMPORAL_COMPRESSION} frames (a chunk is {TEMPORAL_COMPRESSION * self.chunk_width})."
+            )
+        return num_chunks
+
+    # --------------------------------------------------------------------------------------------------------------
+    # The chunk-wise generation loop
+    # --------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_chunks(
+        self,
+        generation: _Generation,
+        generator,
+        latents: Optional[torch.Tensor],
+        kv_cache_device,
+        callback_on_step_end,
+        attention_kwargs,
+        device: torch.device,
+    ) -> Iterator[Tuple[int, torch.Tensor]]:
+        """Run the scheduler's plan; yield `(generated_chunk_index, final latents)` as each chunk becomes final."""
+        transformer, scheduler, guidance = self.transformer, self.scheduler, generation.guidance
+        width = self.chunk_width
+        prefix_latents, prefix_frames = generation.prefix_latents, generation.prefix_frames
+        num_prefix_chunks = prefix_frames // width
+        num_generated = generation.num_chunks - num_prefix_chunks
+        batch_size = generation.batch_size
+        scheduler.set_timesteps(generation.num_inference_steps, generation.num_chunks, num_prefix_chunks, device=device)
+        cache = MagiKVCache(transformer.config.num_layers, storage_device=kv_cache_device)
+        chunk_shape = (batch_size, transformer.latent_channels, width, *generation.latent_size)
+
+        chunk_latents: Dict[int, torch.Tensor] = {
+            chunk: prefix_latents[:, :, chunk * width : (chunk + 1) * width] for chunk in range(num_prefix_chunks)
+        }
+        next_new_chunk = num_prefix_chunks
+        with self.progress_bar(total=len(scheduler.plan)) as progress_bar:
+            for call in scheduler.plan:
+                if self.interrupt:
+                    break
+                window_end = call.first_chunk + call.num_chunks
+                for chunk in [chunk for chunk in chunk_latents if chunk < call.first_chunk]:
+                    del chunk_latents[chunk]  # no later call reads it
+                while next_new_chunk < window_end:  # chunks enter the window as noise
+                    chunk_latents[next_new_chunk] = self._initial_noise(next_new_chunk, chunk_shape, latents, generator, device)
+                    next_new_chunk += 1
+                window = torch.cat([chunk_latents[chunk] for chunk in range(call.first_chunk, window_end)], dim=2)
+                window = self._paste_prefix(window, call.first_chunk * width, prefix_latents)
+
+                timestep = scheduler.call_timesteps(call)[None].expand(batch_size, -1)
+                negative = _expand_chunks(*generation.negative, call.num_chunks)
+                common = dict(
+                    first_chunk_index=call.first_chunk,
+                    attention_chunk_starts=call.attention_starts,
+                    kv_cache=cache,
+                    step_size=scheduler.shortcut_step_size(call) if transformer.config.step_size_conditioning else None,
+                    attention_kwargs=attention_kwargs,
+                )
+                if call.is_prefix_call:
+                    guidance.cache_clean_chunks(transformer, window, timestep, *negative, **common)
+                else:
+                    generated_chunks = [chunk - num_prefix_chunks for chunk in range(call.first_chunk, window_end)]
+                    captions = self._window_captions(generation, generated_chunks, num_generated)
+                    velocity = guidance.predict_velocity(
+                        transformer, window, timestep, *captions, *negative, num_clean_chunks=call.num_clean_chunks, **common
+                    )
+                    denoised = scheduler.step(velocity, call, window[:, :, call.num_clean_chunks * width :]).prev_sample
+                    if callback_on_step_end is not None:
+                        outputs = callback_on_step_end(self, call.index, timestep[0], {"latents": denoised})
+                        denoised = outputs.get("latents", denoised)
+                    for offset, chunk in enumerate(call.denoised_chunks):
+                        chunk_latents[chunk] = denoised[:, :, offset * width : (offset + 1) * width]
+                cache.drop_chunks_before(call.forget_chunks_before)
+                progress_bar.update()
+
+                if call.finished_chunk is not None:
+                    chunk = call.finished_chunk
+                    first_frame = self._first_output_frame(chunk, prefix_frames)
+                    yield chunk - num_prefix_chunks, chunk_latents[chunk][:, :, first_frame:]
+
+    def _initial_noise(self, chunk: int, shape, latents: Optional[torch.Tensor], generator, device) -> torch.Tensor:
+        """Starting noise of `chunk`: its slice of the given `latents`, else a fresh draw (chunk by chunk, so memory
+        does not depend on video length)."""
+        if latents is not None:
+            return latents[:, :, chunk * self.chunk_width : (chunk + 1) * self.chunk_width].to(device, torch.float32)
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    @staticmethod
+    def _paste_prefix(window: torch.Tensor, window_start: int, prefix_latents: Optional[torch.Tensor]) -> torch.Tensor:
+        """Overwrite the frames of the window that lie inside the prefix with the prefix latents (before every call;
+        the Euler step then starts from them)."""
+        if prefix_latents is None or prefix_latents.shape[2] <= window_start:
+            return window
+        count = min(prefix_latents.shape[2] - window_start, window.shape[2])
+        window = window.clone()
+        window[:, :, :count] = prefix_latents[:, :, window_start : window_start + count]
+        return window
+
+    def _first_output_frame(self, chunk: int, prefix_frames: int) -> int:
+        """First latent frame of a final chunk that is handed out: frames of a video prefix are left out, except the
+        first frame of image-to-video chunk 0 (the image, regenerated)."""
+        if chunk == 0 and prefix_frames == 1:
+            return 0
+        start = chunk * self.chunk_width
+        return max(start, prefix_frames) - start
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Decoding
+    # --------------------------------------------------------------------------------------------------------------
+    def _postprocess_chunk(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        vae = self.vae
+        video = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
+        return postprocess_video(video, output_type)
+
+    @staticmethod
+    def _concatenate(chunks: List, output_type: str):
+        if output_type == "latent":
+            return torch.cat(chunks, dim=2)
+        if output_type == "pil":
+            return [[frame for chunk in chunks for frame in chunk[video]] for video in range(len(chunks[0]))]
+        if output_type == "pt":
+            return torch.cat(chunks, dim=1)
+        return np.concatenate(chunks, axis=1)
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Entry points
+    # --------------------------------------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        chunk_prompts: Union[List[str], Dict[int, str], List[Union[List[str], Dict[int, str]]], None] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        height: int = 720,
+        width: int = 720,
+        num_frames: int = 96,
+        num_inference_steps: Optional[int] = None,
+        guidance_mode: Optional[str] = None,
+        cfg_t_range: Optional[Sequence[float]] = None,
+        prev_chunk_scales: Optional[Sequence[float]] = None,
+        text_scales: Optional[Sequence[float]] = None,
+        nearly_clean_weight: Optional[float] = None,
+        special_tokens: Optional[Sequence[str]] = DEFAULT_SPECIAL_TOKENS,
+        negative_special_tokens: bool = False,
+        num_videos_per_prompt: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        kv_cache_device: Optional[Union[str, torch.device]] = None,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        **prefix_kwargs,
+    ) -> Iterator[MagiChunkOutput]:
+        r"""
+        Generate a video chunk by chunk and yield each chunk (decoded unless `output_type="latent"`) as soon as it is
+        final; memory does not grow with the number of chunks. Takes the arguments of `__call__` (inputs are checked
+        and encoded at once; generation runs as the iterator is consumed).
+
+        Yields:
+            [`MagiChunkOutput`] with `chunk_index` and `frames` (24 frames per chunk; fewer for a chunk that overlaps
+            a video prefix).
+        """
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt,
+            chunk_prompts,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            height,
+            width,
+            num_frames,
+            num_inference_steps,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        guidance = self._guidance(guidance_mode, cfg_t_range, prev_chunk_scales, text_scales, nearly_clean_weight)
+        special_tokens = validate_special_tokens(special_tokens)
+        if guidance.mode == "distilled" and (negative_prompt is not None or negative_prompt_embeds is not None):
+            logger.warning("Distilled guidance runs no unconditional pass: the negative prompt has no effect.")
+        self._interrupt = False
+        device = self._execution_device
+
+        num_videos = _count_videos(prompt, chunk_prompts, prompt_embeds)
+        batch_size = num_videos * num_videos_per_prompt
+        with torch.no_grad():
+            prefix_latents = self._prefix_latents(num_videos, height, width, device, **prefix_kwargs)
+        prefix_frames = 0 if prefix_latents is None else prefix_latents.shape[2]
+        num_chunks = self._num_chunks(num_frames, prefix_frames)
+        num_generated = num_chunks - prefix_frames // self.chunk_width
+        latent_size = (height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+        expected = (batch_size, self.transformer.latent_channels, num_chunks * self.chunk_width, *latent_size)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(
+                f"latents must be the initial noise of the whole video, shape {expected} (batch, channels, {num_chunks} "
+                f"chunks x {self.chunk_width} frames, height / 8, width / 8), got {tuple(latents.shape)}."
+            )
+        if prompt_embeds is not None and prompt_embeds.ndim == 4 and prompt_embeds.shape[1] != num_generated:
+            raise ValueError(
+                f"Per-chunk prompt_embeds has {prompt_embeds.shape[1]} chunks but the video has {num_generated} "
+                "generated chunks; pass one embedding per chunk or a single (batch, text_length, text_dim) embedding."
+            )
+
+        with torch.no_grad():
+            embeds, masks, rows = self._caption_bank(
+                prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated, device
+            )
+            if negative_prompt is not None:
+                texts = [negative_prompt] * num_videos if isinstance(negative_prompt, str) else list(negative_prompt)
+                if len(texts) != num_videos:
+                    raise ValueError(f"negative_prompt has {len(texts)} entries for {num_videos} videos.")
+                negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(texts, device)
+            if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != num_videos:
+                raise ValueError(f"negative_prompt_embeds has batch {negative_prompt_embeds.shape[0]}, expected {num_videos}.")
+            negative = negative_caption_rows(
+                self.transformer,
+                num_videos,
+                negative_special_tokens,
+                negative_prompt_embeds.to(device) if negative_prompt_embeds is not None else None,
+                negative_prompt_attention_mask.to(device) if negative_prompt_attention_mask is not None else None,
+            )
+        repeat = num_videos_per_prompt
+        generation = _Generation(
+            captions=(embeds, masks, rows.repeat_interleave(repeat, dim=0)),
+            negative=(negative[0].to(device).repeat_interleave(repeat, 0), negative[1].to(device).repeat_interleave(repeat, 0)),
+            prefix_latents=None if prefix_latents is None else prefix_latents.repeat_interleave(repeat, dim=0),
+            batch_size=batch_size,
+            num_chunks=num_chunks,
+            latent_size=latent_size,
+            num_inference_steps=num_inference_steps,
+            guidance=guidance,
+            special_tokens=special_tokens,
+            output_type=output_type,
+        )
+        return self._stream(generation, generator, latents, kv_cache_device, callback_on_step_end, attention_kwargs, device)
+
+    def _stream(self, generation, generator, latents, kv_cache_device, callback, attention_kwargs, device):
+        for chunk_index, chunk in self._generate_chunks(
+            generation, generator, latents, kv_cache_device, callback, attention_kwargs, device
+        ):
+            with torch.no_grad():
+                frames = self._postprocess_chunk(chunk, generation.output_type)
+            yield MagiChunkOutput(chunk_index=chunk_index, frames=frames)
+        self.maybe_free_model_hooks()
+
+    def __call__(self, *args, return_dict: bool = True, **kwargs) -> Union[MagiPipelineOutput, Tuple]:
+        r"""
+        Generate a video.
+
+        Args:
+            prompt (`str` or `List[str]`): one prompt per video (a list makes a batch); every chunk uses it.
+            chunk_prompts (`List[str]`, `Dict[int, str]`, or a list of those per video): one prompt per generated
+                chunk, or a schedule `{first_chunk: prompt}` whose prompts hold until the next key (scene
+                transitions). Each chunk is conditioned on its own text.
+            negative_prompt (`str` or `List[str]`, *optional*): replaces the learned null caption in the
+                unconditional passes of three-branch guidance.
+            height, width (`int`, defaults to 720): video size in pixels, multiples of 16.
+            num_frames (`int`, defaults to 96): frames to generate after any prefix. Generation runs in whole chunks
+                of 24 frames: `ceil((num_frames // 4 + prefix latent frames) / 6)` chunks, as the original counts.
+            num_inference_steps (`int`, *optional*): steps every chunk takes; a multiple of the window size and of
+                the number of noise bands (default from the pipeline config).
+            guidance_mode (`str`, *optional*): `"three_branch"` or `"distilled"` (default from the config).
+            cfg_t_range, prev_chunk_scales, text_scales (`Sequence[float]`, *optional*): three-branch guidance table:
+                band edges in time (0 = noise) and, per band, the scales towards earlier chunks and towards the text.
+            nearly_clean_weight (`float`, *optional*): distilled: weight of the normal velocity of a nearly clean
+                first chunk (0.7).
+            special_tokens (`Sequence[str]`, defaults to `("hq", "duration")`): learned tokens prepended to each
+                chunk's caption: `hq`, `duration`, `static_first_frames`, `dynamic_first_frames`, `borderness`,
+                `three_d_model`, `two_d_anime`. `None` or `()` for none.
+            negative_special_tokens (`bool`, defaults to `False`): prepend the negative tokens (caption, logo,
+                transition, borderness) to the unconditional caption.
+            num_videos_per_prompt (`int`, defaults to 1): videos per prompt.
+            generator (`torch.Generator` or list, *optional*): drives the initial noise (drawn chunk by chunk).
+            latents (`torch.Tensor`, *optional*): initial noise of the whole video, `(batch, 16, chunks * 6, h, w)`.
+            prompt_embeds (`torch.Tensor`, *optional*): T5 embeddings `(batch, 800, 4096)` or per chunk
+                `(batch, chunks, 800, 4096)`, with `prompt_attention_mask` `(batch, 800)` / `(batch, chunks, 800)`.
+            negative_prompt_embeds, negative_prompt_attention_mask: `(batch, 800, 4096)` and `(batch, 800)`.
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pil"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`): return a `MagiPipelineOutput` instead of a tuple.
+            kv_cache_device (`str` or `torch.device`, *optional*): keep the KV cache there (e.g. `"cpu"`).
+            callback_on_step_end (`Callable`, *optional*): called after every transformer call as
+                `callback(pipe, call_index, timesteps, {"latents": denoised_chunks})`; may return new `latents`.
+            callback_on_step_end_tensor_inputs (`List[str]`, *optional*): tensors passed to the callback.
+            attention_kwargs (`dict`, *optional*): passed to the transformer.
+
+        Returns:
+            [`MagiPipelineOutput`] (or a tuple) with `frames`.
+        """
+        output_type = kwargs.get("output_type", "np")
+        frames = self._concatenate([chunk.frames for chunk in self.stream(*args, **kwargs)], output_type)
+        if not return_dict:
+            return (frames,)
+        return MagiPipelineOutput(frames=frames)
+
+
+def _is_batch_of_chunk_prompts(chunk_prompts) -> bool:
+    return isinstance(chunk_prompts, (list, tuple)) and bool(chunk_prompts) and not isinstance(chunk_prompts[0], str)
+
+
+def _count_videos(prompt, chunk_prompts, prompt_embeds) -> int:
+    if prompt_embeds is not None:
+        return prompt_embeds.shape[0]
+    if chunk_prompts is not None:
+        return len(chunk_prompts) if _is_batch_of_chunk_prompts(chunk_prompts) else 1
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def _expand_chunks(embeds: torch.Tensor, mask: torch.Tensor, num_chunks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One caption `(batch, L, C)` / `(batch, L)` repeated for `num_chunks` chunks."""
+    return embeds[:, None].expand(-1, num_chunks, -1, -1), mask[:, None].expand(-1, num_chunks, -1)

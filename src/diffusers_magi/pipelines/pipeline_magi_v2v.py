@@ -1,0 +1,69 @@
+"""`MagiVideoToVideoPipeline`: MAGI-1 video continuation from a prefix video."""
+
+from typing import List, Optional
+
+import torch
+
+from .pipeline_magi import MagiPipeline
+from .video_processing_magi import frames_to_video, load_video_frames
+
+
+class MagiVideoToVideoPipeline(MagiPipeline):
+    r"""
+    MAGI-1 video continuation. The first `num_prefix_frames` frames of `video` are encoded by the VAE; whole clean
+    chunks of them are stored in the KV cache once, a partial chunk is pasted into the first generated chunk before
+    every call, and the video continues from there. The output holds the new frames only. Components and arguments
+    as [`MagiPipeline`], plus:
+
+    Args:
+        video (`str` or a list of paths, one per video): the prefix video file.
+        prefix_latents (`torch.Tensor` of shape `(batch, 16, frames, height / 8, width / 8)`, *optional*): the prefix
+            already encoded (VAE-scaled), instead of `video`; any number of latent frames.
+        num_prefix_frames (`int`, defaults to 32): frames of `video` used as prefix (the original uses 32); a
+            multiple of 4 (the VAE's temporal compression).
+        fps (`int`, defaults to 24): frame rate the prefix video is resampled to (ffmpeg's `fps` filter).
+    """
+
+    def stream(
+        self,
+        video=None,
+        *args,
+        prefix_latents: Optional[torch.Tensor] = None,
+        num_prefix_frames: int = 32,
+        fps: int = 24,
+        **kwargs,
+    ):
+        return super().stream(
+            *args, video=video, prefix_latents=prefix_latents, num_prefix_frames=num_prefix_frames, fps=fps, **kwargs
+        )
+
+    def _prefix_latents(
+        self, num_videos, height, width, device, video=None, prefix_latents=None, num_prefix_frames=32, fps=24
+    ):
+        if (video is None) == (prefix_latents is None):
+            raise ValueError(
+                "MagiVideoToVideoPipeline needs exactly one of `video` (the prefix video file) and `prefix_latents` "
+                "(the prefix already encoded by the VAE)."
+            )
+        if prefix_latents is not None:
+            return self._check_prefix_latents(prefix_latents.to(device), num_videos, height, width)
+        if self.vae is None:
+            raise ValueError("Encoding `video` needs the pipeline's VAE; load it, or pass `prefix_latents`.")
+        if num_prefix_frames < 1 or num_prefix_frames % 4:
+            raise ValueError(f"num_prefix_frames must be a positive multiple of 4, got {num_prefix_frames}.")
+        videos: List = video if isinstance(video, (list, tuple)) else [video]
+        if len(videos) not in (1, num_videos):
+            raise ValueError(f"Got {len(videos)} videos for {num_videos} generated videos; pass one or one per video.")
+        latents = torch.cat([self._encode_video(path, height, width, num_prefix_frames, fps) for path in videos])
+        return self._check_prefix_latents(latents.to(device), num_videos, height, width)
+
+    def _encode_video(self, path, height: int, width: int, num_prefix_frames: int, fps: int) -> torch.Tensor:
+        frames = load_video_frames(path, fps, width, height, num_frames=num_prefix_frames)
+        if frames.shape[0] < num_prefix_frames:
+            raise ValueError(
+                f"`video` {path!r} has {frames.shape[0]} frames at {fps} fps, fewer than num_prefix_frames="
+                f"{num_prefix_frames}; pass a longer video or a smaller num_prefix_frames."
+            )
+        video = frames_to_video(frames)
+        latents = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return (latents * self.vae.config.scaling_factor).float()  # scaled in the VAE dtype, as the original

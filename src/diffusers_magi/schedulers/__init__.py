@@ -1,0 +1,1 @@
+from .scheduling_magi_chunk import MagiChunkScheduler, MagiModelCall
