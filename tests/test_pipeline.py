@@ -263,3 +263,29 @@ def test_missing_prompt_and_wrong_types(pipe):
         pipe(prompt=5, num_frames=24, output_type="latent", **SIZE)
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         pipe(prompt_embeds=torch.randn(1, 64, 32), num_frames=24, output_type="latent", **SIZE)
+
+
+def test_kv_cache_size_does_not_grow_with_video_length(pipe, monkeypatch):
+    """The cache holds only chunks a later call attends to: as many for 10 chunks as for 4."""
+    from diffusers_magi.models.kv_cache_magi import MagiKVCache
+
+    held = []
+    original_drop = MagiKVCache.drop_chunks_before
+
+    def drop_and_record(cache, chunk_index):
+        original_drop(cache, chunk_index)
+        held.append((len(cache.chunk_indices), cache.nbytes()))
+
+    monkeypatch.setattr(MagiKVCache, "drop_chunks_before", drop_and_record)
+    peaks = {}
+    for num_chunks in (4, 10):
+        held.clear()
+        chunks = list(
+            pipe.stream(prompt="a cat", num_frames=24 * num_chunks, num_inference_steps=8, output_type="latent", **SIZE)
+        )
+        assert len(chunks) == num_chunks
+        peaks[num_chunks] = max(held)
+    assert peaks[4] == peaks[10]
+    # The most chunks any call reads from the cache (with the real settings: the one chunk before the window).
+    most_read = max(call.first_chunk - min(call.attention_starts) for call in pipe.scheduler.plan)
+    assert peaks[10][0] == most_read == 1
