@@ -6,7 +6,6 @@ other configs, other seeds, non-square latents) is checked by the same rules.
 
 import json
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List
 
 import torch

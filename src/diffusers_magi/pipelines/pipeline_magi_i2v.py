@@ -1,6 +1,6 @@
 """`MagiImageToVideoPipeline`: MAGI-1 image-to-video (the image is the first latent frame of the video)."""
 
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 
