@@ -26,6 +26,7 @@ setup(
         "ftfy",
         "beautifulsoup4",
     ],
+    entry_points={"console_scripts": ["magi-generate=diffusers_magi.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
         "xformers": ["xformers"],
