@@ -1,0 +1,95 @@
+"""Write `docs/api.md`, the API reference, from the docstrings and signatures of the public objects.
+
+    python docs/build_api_reference.py
+
+`tests/test_docs.py` checks that the committed file is up to date, so the reference never drifts from the code.
+"""
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+import diffusers_magi
+import diffusers_magi.conversion
+from diffusers_magi import cli, tiny_random
+
+OUTPUT = Path(__file__).resolve().parent / "api.md"
+
+SECTIONS = {
+    "Pipelines": [
+        "MagiPipeline",
+        "MagiImageToVideoPipeline",
+        "MagiVideoToVideoPipeline",
+        "MagiPipelineOutput",
+        "MagiChunkOutput",
+        "write_video_stream",
+    ],
+    "Models": ["MagiTransformer3DModel", "MagiKVCache", "AutoencoderMagi"],
+    "Scheduler and guidance": ["MagiChunkScheduler", "MagiGuidance"],
+}
+OWN_METHODS_OF = {"MagiImageToVideoPipeline": ["stream"], "MagiVideoToVideoPipeline": ["stream"]}
+
+
+def _docstring(obj) -> str:
+    return inspect.cleandoc(obj.__doc__) if obj.__doc__ else "(no docstring)"
+
+
+def _signature(name: str, obj) -> str:
+    try:
+        return f"{name}{inspect.signature(obj)}"
+    except (TypeError, ValueError):
+        return name
+
+
+def _public_methods(cls):
+    names = OWN_METHODS_OF.get(cls.__name__)
+    members = vars(cls)
+    for name in names or sorted(members):
+        member = members[name]
+        if isinstance(member, (classmethod, staticmethod)):
+            member = member.__func__
+        if (name.startswith("_") and name != "__call__") or not callable(member) or isinstance(member, type):
+            continue
+        yield name, member
+
+
+def _document(name: str, obj) -> list:
+    lines = [f"### `{name}`", ""]
+    if inspect.isclass(obj):
+        lines += ["```python", _signature(name, obj), "```", "", _docstring(obj), ""]
+        for method_name, method in _public_methods(obj):
+            lines += [f"#### `{name}.{method_name}`", "", "```python", _signature(method_name, method), "```", ""]
+            lines += [_docstring(method), ""]
+    else:
+        lines += ["```python", _signature(name, obj), "```", "", _docstring(obj), ""]
+    return lines
+
+
+def build() -> str:
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the docstrings by `docs/build_api_reference.py`; do not edit by hand.",
+        "",
+    ]
+    for section, names in SECTIONS.items():
+        lines += [f"## {section}", ""]
+        for name in names:
+            lines += _document(name, getattr(diffusers_magi, name))
+    lines += ["## Conversion (`diffusers_magi.conversion`)", ""]
+    for name in sorted(getattr(diffusers_magi.conversion, "__all__", None) or dir(diffusers_magi.conversion)):
+        obj = getattr(diffusers_magi.conversion, name)
+        if not name.startswith("_") and inspect.isfunction(obj):
+            lines += _document(name, obj)
+    lines += ["## Tiny random pipeline (`diffusers_magi.tiny_random`)", ""]
+    lines += _document("tiny_random_pipeline", tiny_random.tiny_random_pipeline)
+    parser = cli.build_parser()
+    parser.formatter_class = lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110)
+    lines += ["## Command line: `magi-generate`", "", "```", parser.format_help().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    OUTPUT.write_text(build())
+    print(f"wrote {OUTPUT}", file=sys.stderr)

@@ -1,0 +1,36 @@
+"""Every example script runs end to end with the tiny random pipeline (and the notebook executes)."""
+
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import pytest
+
+from .conftest import REPO_ROOT
+
+EXAMPLES = REPO_ROOT / "examples"
+TINY = ["--model", "tiny-random", "--height", "32", "--width", "32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, extra, frames",
+    [
+        ("text_to_video.py", ["--num-frames", "48"], 48),
+        ("image_to_video.py", ["--num-frames", "24"], 48),
+        ("video_to_video.py", ["--num-frames", "24", "--num-prefix-frames", "8"], 13 + 24),
+        ("long_video_streaming.py", ["--num-chunks", "3"], 72),
+        ("chunk_prompts.py", [], 144),
+    ],
+)
+def test_example_script(tmp_path, script, extra, frames):
+    output = tmp_path / "out.mp4"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *TINY, *extra, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(imageio.mimread(str(output), memtest=False)) == frames
