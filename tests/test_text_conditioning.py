@@ -57,8 +57,8 @@ def _conditioning_model(null_caption_embedding: torch.Tensor) -> MagiTransformer
         cross_attention_dim=32,
     )
     with torch.no_grad():
-        model.text_embedder.special_tokens.copy_(load_special_tokens(str(TEXT_DIR / "tiny_special_tokens.npz")))
-        model.text_embedder.null_caption_embedding.copy_(null_caption_embedding)
+        model.caption_tokens.special_tokens.copy_(load_special_tokens(str(TEXT_DIR / "tiny_special_tokens.npz")))
+        model.caption_tokens.null_caption_embedding.copy_(null_caption_embedding)
     return model
 
 
@@ -87,7 +87,7 @@ def test_text_case(reference_dir, name):
 
     # pad_special_token on the caption repeated for the generated chunks.
     embeds, masks = chunk_caption_rows(
-        model, caption.repeat(1, generated, 1, 1), mask[:, None].repeat(1, generated, 1), flags
+        model.caption_tokens(), caption.repeat(1, generated, 1, 1), mask[:, None].repeat(1, generated, 1), flags
     )
     assert torch.equal(embeds, outputs["pad_special_token.caption_embs"])
     assert masks.dtype == outputs["pad_special_token.emb_masks"].dtype
@@ -99,7 +99,7 @@ def test_text_case(reference_dir, name):
     assert torch.equal(masks, outputs["_process_txt_embeddings.emb_masks"][:, clean:])
 
     # _process_null_embeddings: the unconditional caption of every chunk.
-    null_embeds, null_mask = negative_caption_rows(model, 1, negative_tokens)
+    null_embeds, null_mask = negative_caption_rows(model.caption_tokens(), 1, negative_tokens)
     expected_null = outputs["_process_null_embeddings.null_embs"]
     assert torch.equal(null_embeds[:, None].expand_as(expected_null), expected_null)
     expected_null_mask = outputs["_process_null_embeddings.null_emb_masks"]
@@ -107,7 +107,7 @@ def test_text_case(reference_dir, name):
 
     # extract_feature_for_inference: [conditional ; unconditional] masks; an empty prompt makes both unconditional.
     conditional = chunk_caption_rows(
-        model,
+        model.caption_tokens(),
         caption.repeat(1, generated, 1, 1),
         mask[:, None].repeat(1, generated, 1),
         flags,
@@ -121,14 +121,14 @@ def test_text_case(reference_dir, name):
 def test_duration_tokens_count_the_chunks_that_follow():
     model = _conditioning_model(torch.randn(800, 8))
     with torch.no_grad():
-        model.text_embedder.special_tokens.copy_(torch.arange(len(SPECIAL_TOKEN_NAMES))[:, None].float().expand(-1, 8))
+        model.caption_tokens.special_tokens.copy_(torch.arange(len(SPECIAL_TOKEN_NAMES))[:, None].float().expand(-1, 8))
     caption = torch.zeros(1, 10, 800, 8)
-    embeds, _ = chunk_caption_rows(model, caption, torch.ones(1, 10, 800), ["duration"])
+    embeds, _ = chunk_caption_rows(model.caption_tokens(), caption, torch.ones(1, 10, 800), ["duration"])
     first_tokens = embeds[0, :, 0, 0].tolist()
     expected = [SPECIAL_TOKEN_NAMES.index(f"duration_{min(9 - i, 7) + 1}") for i in range(10)]
     assert first_tokens == expected
     # A window of the same video gets the same tokens as the whole video.
-    window, _ = chunk_caption_rows(model, caption[:, 3:5], torch.ones(1, 2, 800), ["duration"], [3, 4], 10)
+    window, _ = chunk_caption_rows(model.caption_tokens(), caption[:, 3:5], torch.ones(1, 2, 800), ["duration"], [3, 4], 10)
     assert window[0, :, 0, 0].tolist() == expected[3:5]
 
 
@@ -137,8 +137,8 @@ def test_empty_prompt_rows_take_the_unconditional_caption():
     caption = torch.randn(2, 3, 800, 8)
     mask = torch.ones(2, 3, 800)
     mask[1, 1] = 0
-    negative = negative_caption_rows(model, 2)
-    embeds, masks = chunk_caption_rows(model, caption, mask, ["hq"], negative=negative)
+    negative = negative_caption_rows(model.caption_tokens(), 2)
+    embeds, masks = chunk_caption_rows(model.caption_tokens(), caption, mask, ["hq"], negative=negative)
     assert torch.equal(embeds[1, 1], negative[0][1]) and torch.equal(masks[1, 1], negative[1][1])
     assert masks[0, 0, :2].tolist() == [1.0, 1.0] and masks[1, 1].sum() == 50
 

@@ -21,7 +21,7 @@ _GLOBAL_KEY_MAP = {
     "y_embedder.y_proj_xattn.0.bias": "text_embedder.cross_attention_proj.bias",
     "y_embedder.y_proj_adaln.0.weight": "text_embedder.condition_proj.weight",
     "y_embedder.y_proj_adaln.0.bias": "text_embedder.condition_proj.bias",
-    "y_embedder.null_caption_embedding": "text_embedder.null_caption_embedding",
+    "y_embedder.null_caption_embedding": "caption_tokens.null_caption_embedding",
     "rope.bands": "rope.bands",
     "videodit_blocks.final_layernorm.weight": "norm_out.weight",
     "videodit_blocks.final_layernorm.bias": "norm_out.bias",
@@ -156,7 +156,7 @@ def load_original_transformer(
     config["use_special_tokens"] = special_tokens_path is not None
     state_dict = convert_transformer_state_dict(original_state_dict)
     if special_tokens_path is not None:
-        state_dict["text_embedder.special_tokens"] = load_special_tokens(special_tokens_path)
+        state_dict["caption_tokens.special_tokens"] = load_special_tokens(special_tokens_path)
 
     with torch.device("meta"):
         model = MagiTransformer3DModel(**config)

@@ -9,8 +9,12 @@ Cross-attention is per chunk: the queries of a chunk attend to the (unpadded) ca
 Both are computed by looping over query chunks and calling Diffusers' `dispatch_attention_fn` without a mask on the
 exact key range of each chunk. This is the fastest form on CPU, the natural form for a KV cache, and it runs on every
 attention backend (flash attention included), since none of them accepts per-block key ranges as a mask.
+
+Under context parallelism (`context_parallel_magi`) a process holds a slice of the call's tokens: self-attention
+exchanges it for a head group over all tokens, cross-attention and the per-chunk gates work on the local slice.
 """
 
+import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from .context_parallel_magi import SequenceShards, gather_sequence_scatter_heads, scatter_sequence_gather_heads
 from .kv_cache_magi import MagiKVCacheLayer
 
 
@@ -78,12 +83,15 @@ class ChunkAttentionLayout:
     `first_chunk_index ... first_chunk_index + num_chunks - 1`; chunk `c` attends to chunks
     `attention_chunk_starts[c - first_chunk_index] ... c`. Chunks before `first_chunk_index` are read from the KV
     cache. The first `num_chunks_to_cache` chunks of the call are written to the cache.
+
+    Under context parallelism, `shards` says which slice of the call's tokens this process holds (`None`: all).
     """
 
     tokens_per_chunk: int
     first_chunk_index: int
     attention_chunk_starts: Tuple[int, ...]
     num_chunks_to_cache: int = 0
+    shards: Optional[SequenceShards] = None
 
     @property
     def num_chunks(self) -> int:
@@ -94,12 +102,35 @@ class ChunkAttentionLayout:
         """Earliest chunk read from the cache (`first_chunk_index` when nothing is read)."""
         return min(min(self.attention_chunk_starts), self.first_chunk_index)
 
+    def local_chunk_segments(self) -> Tuple[Tuple[int, int, int], ...]:
+        """`(chunk, start, end)` for each chunk (0-based within the call) with tokens in this process's slice:
+        its tokens are `[start, end)` of the local hidden states. Without context parallelism: whole chunks."""
+        tokens = self.tokens_per_chunk
+        if self.shards is None:
+            return tuple((chunk, chunk * tokens, (chunk + 1) * tokens) for chunk in range(self.num_chunks))
+        offset, local_end = self.shards.start, self.shards.end
+        return tuple(
+            (chunk, max(chunk * tokens, offset) - offset, min((chunk + 1) * tokens, local_end) - offset)
+            for chunk in range(self.num_chunks)
+            if chunk * tokens < local_end and (chunk + 1) * tokens > offset
+        )
+
     def key_token_range(self, chunk: int) -> Tuple[int, int]:
         """Token range `[start, end)` of the keys of chunk `chunk` (0-based within the call), in the concatenation
         `[cached chunks from first_cached_chunk ; chunks of the call]`."""
         start = (self.attention_chunk_starts[chunk] - self.first_cached_chunk) * self.tokens_per_chunk
         end = (self.first_chunk_index - self.first_cached_chunk + chunk + 1) * self.tokens_per_chunk
         return start, end
+
+
+def _attention_inputs(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Inputs of an attention call, upcast to float32 when they are bfloat16/float16 on CPU (callers round the result
+    back once). torch's reduced-precision CPU kernels round the attention probabilities to the input dtype (and with
+    grouped-query attention fall back to a reduced-precision math path); MAGI-1's reference evaluation on CPU computes
+    softmax and weighted sum in float32 and rounds only the output. Other devices keep their fused kernels."""
+    if tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.bfloat16, torch.float16):
+        return tuple(tensor.float() for tensor in tensors)
+    return tensors
 
 
 def chunk_causal_attention(
@@ -120,6 +151,8 @@ def chunk_causal_attention(
     """
     tokens = layout.tokens_per_chunk
     enable_gqa = query.shape[2] != key.shape[2]
+    dtype = query.dtype
+    query, key, value = _attention_inputs(query, key, value)
     outputs = []
     for chunk in range(layout.num_chunks):
         key_start, key_end = layout.key_token_range(chunk)
@@ -132,7 +165,7 @@ def chunk_causal_attention(
                 backend=backend,
             )
         )
-    return torch.cat(outputs, dim=1)
+    return torch.cat(outputs, dim=1).to(dtype)
 
 
 def per_chunk_cross_attention(
@@ -140,41 +173,48 @@ def per_chunk_cross_attention(
     text_keys: torch.Tensor,
     text_values: torch.Tensor,
     text_lengths: Sequence[int],
-    tokens_per_chunk: int,
+    layout: ChunkAttentionLayout,
     backend=None,
 ) -> torch.Tensor:
     """Cross-attention of each chunk's queries over that chunk's caption tokens.
 
     Args:
-        query (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`)
+        query (`torch.Tensor` of shape `(batch, tokens, heads, head_dim)`): the call's tokens, or this process's slice
+            of them under context parallelism (`layout.local_chunk_segments`).
         text_keys, text_values (`torch.Tensor` of shape `(total_text_tokens, kv_heads, head_dim)`):
             the valid caption tokens of every (batch row, chunk) pair, concatenated batch-major.
-        text_lengths (`Sequence[int]` of length `batch * num_chunks`): valid tokens per (batch row, chunk).
+        text_lengths (`Sequence[int]` of length `batch * layout.num_chunks`): valid tokens per (batch row, chunk).
     Returns:
-        `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`. A chunk whose caption has
-        no valid token gets zeros (an attention over nothing), as the original's varlen kernel returns.
+        `torch.Tensor` of the shape of `query`. A chunk whose caption has no valid token gets zeros (an attention over
+        nothing), as the original's varlen kernel returns.
     """
-    num_chunks = query.shape[1] // tokens_per_chunk
     enable_gqa = query.shape[2] != text_keys.shape[1]
+    dtype = query.dtype
+    query, text_keys, text_values = _attention_inputs(query, text_keys, text_values)
+    offsets = list(itertools.accumulate(text_lengths, initial=0))
     output = torch.zeros_like(query)
-    offset = 0
-    for row, length in enumerate(text_lengths):
-        batch_index, chunk = divmod(row, num_chunks)
-        if length > 0:
-            token_slice = slice(chunk * tokens_per_chunk, (chunk + 1) * tokens_per_chunk)
-            output[batch_index, token_slice] = dispatch_attention_fn(
-                query[batch_index : batch_index + 1, token_slice],
-                text_keys[None, offset : offset + length],
-                text_values[None, offset : offset + length],
+    for batch_index in range(query.shape[0]):
+        for chunk, start, end in layout.local_chunk_segments():
+            row = batch_index * layout.num_chunks + chunk
+            if text_lengths[row] == 0:
+                continue
+            output[batch_index, start:end] = dispatch_attention_fn(
+                query[batch_index : batch_index + 1, start:end],
+                text_keys[None, offsets[row] : offsets[row + 1]],
+                text_values[None, offsets[row] : offsets[row + 1]],
                 enable_gqa=enable_gqa,
                 backend=backend,
             )[0]
-        offset += length
-    return output
+    return output.to(dtype)
 
 
 class MagiAttnProcessor:
-    """Computes MAGI-1's parallel self- and cross-attention for one `MagiAttention` module."""
+    """Computes MAGI-1's parallel self- and cross-attention for one `MagiAttention` module.
+
+    `_parallel_config` is set by `MagiTransformer3DModel.enable_parallelism`; with it, self-attention runs on this
+    process's head group over all tokens (Ulysses all-to-all, see `context_parallel_magi`), so the KV cache holds
+    that head group only.
+    """
 
     _attention_backend = None
     _parallel_config = None
@@ -198,6 +238,9 @@ class MagiAttnProcessor:
         value = attn.to_v(normed).unflatten(-1, (attn.kv_heads, attn.head_dim))
         query = apply_rotary_emb(attn.norm_q(query.float()), *rotary_emb).to(dtype)
         key = apply_rotary_emb(attn.norm_k(key.float()), *rotary_emb).to(dtype)
+        if layout.shards is not None:
+            group = self._parallel_config.context_parallel_config._ulysses_mesh.get_group()
+            query, key, value = (gather_sequence_scatter_heads(x, layout.shards, group) for x in (query, key, value))
 
         if layout.num_chunks_to_cache:
             cached_tokens = layout.num_chunks_to_cache * layout.tokens_per_chunk
@@ -209,6 +252,8 @@ class MagiAttnProcessor:
             key = torch.cat([cached_key, key], dim=1)
             value = torch.cat([cached_value, value], dim=1)
         self_attention = chunk_causal_attention(query, key, value, layout, backend=self._attention_backend)
+        if layout.shards is not None:
+            self_attention = scatter_sequence_gather_heads(self_attention, layout.shards, group)
 
         # Cross-attention on the caption tokens, in the model dtype.
         cross_query = attn.norm_cross_q(attn.to_cross_q(normed).unflatten(-1, (attn.heads, attn.head_dim)))
@@ -216,7 +261,7 @@ class MagiAttnProcessor:
         text_keys, text_values = text_key_value.chunk(2, dim=-1)
         text_keys = attn.norm_cross_k(text_keys)
         cross_attention = per_chunk_cross_attention(
-            cross_query, text_keys, text_values, text_lengths, layout.tokens_per_chunk, backend=self._attention_backend
+            cross_query, text_keys, text_values, text_lengths, layout, backend=self._attention_backend
         )
 
         # [self | cross] is re-ordered into `output_groups` interleaved groups before the output projection: the
@@ -288,8 +333,9 @@ class MagiAttention(nn.Module, AttentionModuleMixin):
     ) -> torch.Tensor:
         """
         Args:
-            hidden_states (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, hidden_size)`)
-            rotary_emb (`(cos, sin)`, each of shape `(num_chunks * tokens_per_chunk, rotary_dim // 2)`)
+            hidden_states (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, hidden_size)`): the call's
+                tokens, or this process's slice of them under context parallelism (`layout.shards`).
+            rotary_emb (`(cos, sin)`, each of shape `(tokens, rotary_dim // 2)`): for the tokens of `hidden_states`.
             layout (`ChunkAttentionLayout`): which keys each chunk attends to.
             text_states (`torch.Tensor` of shape `(total_text_tokens, cross_attention_dim)`): projected caption
                 tokens of every (batch row, chunk), batch-major.

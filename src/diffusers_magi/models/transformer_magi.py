@@ -19,12 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from ..placement import check_device_map
 from .attention_magi import ChunkAttentionLayout, MagiAttention, MagiLayerNorm
+from .context_parallel_magi import check_context_parallel_config, context_parallel_config, sequence_shards
 from .kv_cache_magi import MagiKVCache
 
 # Learned special tokens of MAGI-1 (rows of the original `special_tokens.npz`), prepended to captions by the
@@ -81,36 +84,72 @@ class MagiTimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
-class MagiTextEmbedder(nn.Module):
-    """Caption handling: projects caption tokens for cross-attention, and holds the learned caption-side tensors.
+@dataclass(frozen=True)
+class MagiLearnedTokens:
+    """MAGI-1's learned caption-side tensors, as `MagiCaptionTokens` returns them.
 
-    * `null_caption_embedding` (`(text_length, text_dim)`): the learned "empty caption". Its first 50 tokens are the
-      caption of unconditional rows; its last two rows feed the adaLN condition (`[-2]` when a caption is present,
-      `[-1]` when it is dropped). The caption itself never enters the condition, only cross-attention.
-    * `special_tokens` (`(len(SPECIAL_TOKEN_NAMES), text_dim)`, optional): MAGI-1's learned special tokens (quality,
-      duration, style, negative tokens), float16-rounded as the original uses them.
+    Args:
+        null_caption_embedding (`torch.Tensor` of shape `(text_length, text_dim)`): the learned "empty caption". Its
+            first 50 tokens are the caption of unconditional rows; its last two rows feed the adaLN condition (`[-2]`
+            when a caption is present, `[-1]` when it is dropped).
+        special_tokens (`torch.Tensor` of shape `(len(SPECIAL_TOKEN_NAMES), text_dim)`, *optional*): MAGI-1's learned
+            special tokens (quality, duration, style, negative tokens), float16-rounded as the original uses them.
     """
 
-    def __init__(
-        self, text_dim: int, text_length: int, cross_attention_dim: int, condition_dim: int, use_special_tokens: bool
-    ):
+    null_caption_embedding: torch.Tensor
+    special_tokens: Optional[torch.Tensor]
+
+    def special_token(self, name: str) -> torch.Tensor:
+        """The learned special token `name` (one of `SPECIAL_TOKEN_NAMES`), shape `(text_dim,)`."""
+        if self.special_tokens is None:
+            raise ValueError(
+                "This transformer holds no special tokens (it was converted without `special_tokens.npz`); convert it "
+                "with `special_tokens_path=...` or generate without special tokens."
+            )
+        if name not in SPECIAL_TOKEN_NAMES:
+            raise ValueError(f"Unknown special token {name!r}; expected one of {SPECIAL_TOKEN_NAMES}.")
+        return self.special_tokens[SPECIAL_TOKEN_NAMES.index(name)]
+
+
+class MagiCaptionTokens(nn.Module):
+    """Holds the learned null caption and special tokens; call it to read them (a `MagiLearnedTokens`).
+
+    Read them through a call, not through the attributes: offloading hooks (model, sequential and group offloading, to
+    memory or to disk) place a module's weights when the module is called, and between calls the parameters may live
+    on another device, on the meta device, or on disk. The returned tensors are detached from the parameters, so they
+    stay valid after the hooks offload the module again.
+    """
+
+    def __init__(self, text_dim: int, text_length: int, use_special_tokens: bool):
         super().__init__()
-        self.cross_attention_proj = nn.Linear(text_dim, cross_attention_dim)
-        self.condition_proj = nn.Linear(text_dim, condition_dim)
         self.null_caption_embedding = nn.Parameter(torch.zeros(text_length, text_dim))
         self.special_tokens = (
             nn.Parameter(torch.zeros(len(SPECIAL_TOKEN_NAMES), text_dim)) if use_special_tokens else None
         )
 
-    def caption_condition(self, caption_dropped: torch.Tensor) -> torch.Tensor:
-        """adaLN caption condition, `(rows, condition_dim)`, from the learned null-caption rows."""
-        weight = self.condition_proj.weight
+    def forward(self) -> MagiLearnedTokens:
+        special_tokens = self.special_tokens.detach() if self.special_tokens is not None else None
+        return MagiLearnedTokens(self.null_caption_embedding.detach(), special_tokens)
+
+
+class MagiTextEmbedder(nn.Module):
+    """Caption projections: caption tokens for cross-attention, and the learned caption rows for the adaLN condition.
+    The caption itself never enters the condition, only cross-attention."""
+
+    def __init__(self, text_dim: int, cross_attention_dim: int, condition_dim: int):
+        super().__init__()
+        self.cross_attention_proj = nn.Linear(text_dim, cross_attention_dim)
+        self.condition_proj = nn.Linear(text_dim, condition_dim)
+
+    def caption_condition(self, null_caption_embedding: torch.Tensor, caption_dropped: torch.Tensor) -> torch.Tensor:
+        """adaLN caption condition, `(rows, condition_dim)`, from the last two rows of the learned null caption
+        `(text_length, text_dim)`: `[-1]` for rows whose caption is dropped, `[-2]` for the others."""
         token = torch.where(
-            caption_dropped[:, None].to(weight.device),
-            self.null_caption_embedding[-1][None],
-            self.null_caption_embedding[-2][None],
+            caption_dropped[:, None].to(null_caption_embedding.device),
+            null_caption_embedding[-1][None],
+            null_caption_embedding[-2][None],
         )
-        return self.condition_proj(token.to(weight.dtype))
+        return self.condition_proj(token.to(self.condition_proj.weight.dtype))
 
     def forward(self, caption: torch.Tensor, caption_mask: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """
@@ -230,10 +269,18 @@ class MagiTransformerBlock(nn.Module):
         self.ff_post_norm = MagiLayerNorm(hidden_size, eps, zero_centered_norm_weights)
 
     def _gated_residual(
-        self, branch: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, post_norm: MagiLayerNorm
+        self,
+        branch: torch.Tensor,
+        residual: torch.Tensor,
+        gate: torch.Tensor,
+        post_norm: MagiLayerNorm,
+        layout: ChunkAttentionLayout,
     ) -> torch.Tensor:
-        batch_size, num_chunks = gate.shape[:2]
-        gated = (branch.float().unflatten(1, (num_chunks, -1)) * gate.float()[:, :, None]).flatten(1, 2)
+        # Each chunk's tokens (those this process holds, under context parallelism) are scaled by that chunk's gate.
+        gated = torch.cat(
+            [branch[:, start:end].float() * gate[:, chunk, None].float() for chunk, start, end in layout.local_chunk_segments()],
+            dim=1,
+        )
         return (post_norm(gated) + residual.float()).to(residual.dtype)
 
     def forward(
@@ -248,7 +295,8 @@ class MagiTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            hidden_states (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, hidden_size)`)
+            hidden_states (`torch.Tensor` of shape `(batch, tokens, hidden_size)`): the call's tokens, or this
+                process's slice of them under context parallelism.
             condition (`torch.Tensor` of shape `(batch, num_chunks, condition_dim)`): per-chunk condition.
             Others: see `MagiAttention.forward`.
         """
@@ -257,8 +305,8 @@ class MagiTransformerBlock(nn.Module):
         attention_gate, ff_gate = gates.chunk(2, dim=-1)
 
         attention = self.attn(hidden_states, rotary_emb, layout, text_states, text_lengths, kv_cache)
-        hidden_states = self._gated_residual(attention, hidden_states, attention_gate, self.attn_post_norm)
-        hidden_states = self._gated_residual(self.ff(hidden_states), hidden_states, ff_gate, self.ff_post_norm)
+        hidden_states = self._gated_residual(attention, hidden_states, attention_gate, self.attn_post_norm, layout)
+        hidden_states = self._gated_residual(self.ff(hidden_states), hidden_states, ff_gate, self.ff_post_norm, layout)
         return hidden_states
 
 
@@ -302,6 +350,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         "patch_embedding",
         "time_embedder",
         "text_embedder",
+        "caption_tokens",
         "rope",
         "norm_q",
         "norm_k",
@@ -310,9 +359,21 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         "norm_out",
         "proj_out",
     ]
-    _skip_layerwise_casting_patterns = ["patch_embedding", "time_embedder", "text_embedder", "rope", "norm"]
+    _skip_layerwise_casting_patterns = ["patch_embedding", "time_embedder", "text_embedder", "caption_tokens", "rope", "norm"]
     _no_split_modules = ["MagiTransformerBlock"]
     _repeated_blocks = ["MagiTransformerBlock"]
+    # Block-level group offloading gives the learned caption tokens a group of their own, placed when they are read.
+    _group_offload_block_modules = ["caption_tokens"]
+    # Context parallelism: the tokens (and their rotary embedding) are split after the patch embedding and gathered
+    # after the final projection; `MagiAttnProcessor` does the Ulysses exchange inside attention.
+    _cp_plan = {
+        "rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     @register_to_config
     def __init__(
@@ -356,7 +417,8 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
 
         self.patch_embedding = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=False)
         self.time_embedder = MagiTimestepEmbedder(condition_dim)
-        self.text_embedder = MagiTextEmbedder(text_dim, text_length, cross_attention_dim, condition_dim, use_special_tokens)
+        self.text_embedder = MagiTextEmbedder(text_dim, cross_attention_dim, condition_dim)
+        self.caption_tokens = MagiCaptionTokens(text_dim, text_length, use_special_tokens)
         self.rope = MagiRotaryPosEmbed(hidden_size // num_attention_heads)
         self.blocks = nn.ModuleList(
             [
@@ -387,14 +449,22 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
 
     def special_token(self, name: str) -> torch.Tensor:
         """The learned special token `name` (one of `SPECIAL_TOKEN_NAMES`), shape `(text_dim,)`."""
-        if self.text_embedder.special_tokens is None:
-            raise ValueError(
-                "This transformer holds no special tokens (it was converted without `special_tokens.npz`); convert it "
-                "with `special_tokens_path=...` or generate without special tokens."
-            )
-        if name not in SPECIAL_TOKEN_NAMES:
-            raise ValueError(f"Unknown special token {name!r}; expected one of {SPECIAL_TOKEN_NAMES}.")
-        return self.text_embedder.special_tokens[SPECIAL_TOKEN_NAMES.index(name)]
+        return self.caption_tokens().special_token(name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""Diffusers' `ModelMixin.from_pretrained`, with a clear error when `device_map` or `max_memory` name devices
+        this machine does not have. Blocks are never split across devices (`_no_split_modules`), so
+        `device_map="auto"` with `max_memory` spreads whole blocks over GPUs, the CPU and disk (`offload_folder`)."""
+        check_device_map(kwargs.get("device_map"), kwargs.get("max_memory"))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def enable_parallelism(self, *, config, cp_plan=None):
+        r"""Diffusers' `enable_parallelism`: Ulysses context parallelism with `ContextParallelConfig(ulysses_degree=P)`
+        (run every process with the same inputs; each computes `1 / P` of the tokens and the output is gathered on
+        all). `P` must divide the attention and key/value heads; ring attention is not supported."""
+        check_context_parallel_config(config, self.config.num_attention_heads, self.config.num_key_value_heads)
+        return super().enable_parallelism(config=config, cp_plan=cp_plan)
 
     def forward(
         self,
@@ -453,13 +523,16 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         patch_t, patch_h, patch_w = config.patch_size
         grid = (num_frames // patch_t, height // patch_h, width // patch_w)
         chunk_frames = grid[0] // num_chunks
+        tokens_per_chunk = chunk_frames * grid[1] * grid[2]
+        cp_config = context_parallel_config(self._parallel_config)
         layout = ChunkAttentionLayout(
-            tokens_per_chunk=chunk_frames * grid[1] * grid[2],
+            tokens_per_chunk=tokens_per_chunk,
             first_chunk_index=first_chunk_index,
             attention_chunk_starts=self._check_attention_chunk_starts(
                 attention_chunk_starts, first_chunk_index, num_chunks
             ),
             num_chunks_to_cache=num_chunks_to_cache,
+            shards=sequence_shards(cp_config, num_chunks * tokens_per_chunk) if cp_config is not None else None,
         )
         if layout.first_cached_chunk < first_chunk_index and kv_cache is None:
             raise ValueError(
@@ -484,7 +557,10 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
             time_embedding = time_embedding + self.time_embedder(step_sizes, dtype)
         if not torch.is_tensor(caption_dropped):
             caption_dropped = torch.tensor([caption_dropped])
-        caption_condition = self.text_embedder.caption_condition(caption_dropped.bool().flatten())
+        learned_tokens = self.caption_tokens()
+        caption_condition = self.text_embedder.caption_condition(
+            learned_tokens.null_caption_embedding, caption_dropped.bool().flatten()
+        )
         condition = time_embedding.unflatten(0, (batch_size, num_chunks)) + caption_condition[:, None]
         condition = condition.to(dtype)
 
@@ -492,7 +568,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         text_states, text_lengths = self.text_embedder(encoder_hidden_states, encoder_attention_mask)
         text_states = text_states.to(dtype)
 
-        # 4. Transformer blocks.
+        # 4. Transformer blocks (on this process's slice of the tokens under context parallelism: `_cp_plan`).
         for index, block in enumerate(self.blocks):
             tokens = block(
                 tokens,

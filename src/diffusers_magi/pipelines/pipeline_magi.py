@@ -21,9 +21,11 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.autoencoder_magi import AutoencoderMagi
 from ..models.kv_cache_magi import MagiKVCache
-from ..models.transformer_magi import MagiTransformer3DModel
+from ..models.transformer_magi import MagiLearnedTokens, MagiTransformer3DModel
+from ..placement import check_device
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .guidance_magi import GUIDANCE_MODES, MagiGuidance
+from .offloading_magi import MagiOffloadingMixin
 from .pipeline_output import MagiChunkOutput, MagiPipelineOutput
 from .text_conditioning_magi import (
     DEFAULT_SPECIAL_TOKENS,
@@ -48,6 +50,7 @@ class _Generation:
     """Everything one generation needs once the inputs are checked and encoded."""
 
     captions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # unique embeds (K, L, C), masks (K, L), rows (B, D)
+    learned_tokens: MagiLearnedTokens  # the transformer's special tokens and null caption, read once
     negative: Tuple[torch.Tensor, torch.Tensor]  # unconditional caption (B, L, C), mask (B, L)
     prefix_latents: Optional[torch.Tensor]  # (B, C, prefix_frames, h, w)
     batch_size: int
@@ -63,7 +66,7 @@ class _Generation:
         return 0 if self.prefix_latents is None else self.prefix_latents.shape[2]
 
 
-class MagiPipeline(DiffusionPipeline):
+class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline):
     r"""
     MAGI-1 text-to-video: the video is generated chunk by chunk (24 frames each), several chunks in flight at
     staggered noise levels, each chunk attending to earlier ones through a KV cache.
@@ -187,9 +190,9 @@ class MagiPipeline(DiffusionPipeline):
             add_special_tokens=True,
             return_tensors="pt",
         )
+        input_device = _input_device(self.text_encoder, device)
         embeds = self.text_encoder(
-            input_ids=tokens.input_ids.to(self.text_encoder.device),
-            attention_mask=tokens.attention_mask.to(self.text_encoder.device),
+            input_ids=tokens.input_ids.to(input_device), attention_mask=tokens.attention_mask.to(input_device)
         ).last_hidden_state
         return embeds.float().to(device), tokens.attention_mask.to(device)
 
@@ -222,7 +225,7 @@ class MagiPipeline(DiffusionPipeline):
         embeds_bank, mask_bank, rows = generation.captions
         indices = rows[:, list(generated_chunks)]
         return chunk_caption_rows(
-            self.transformer,
+            generation.learned_tokens,
             embeds_bank[indices],
             mask_bank[indices],
             generation.special_tokens,
@@ -440,7 +443,7 @@ class MagiPipeline(DiffusionPipeline):
         if output_type == "latent":
             return latents
         vae = self.vae
-        video = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
+        video = vae.decode((latents / vae.config.scaling_factor).to(_input_device(vae, latents.device), vae.dtype)).sample
         return postprocess_video(video, output_type)
 
     @staticmethod
@@ -518,6 +521,8 @@ class MagiPipeline(DiffusionPipeline):
         special_tokens = validate_special_tokens(special_tokens)
         if guidance.mode == "distilled" and (negative_prompt is not None or negative_prompt_embeds is not None):
             logger.warning("Distilled guidance runs no unconditional pass: the negative prompt has no effect.")
+        if kv_cache_device is not None:
+            kv_cache_device = check_device(kv_cache_device, "kv_cache_device")
         self._interrupt = False
         device = self._execution_device
 
@@ -542,6 +547,8 @@ class MagiPipeline(DiffusionPipeline):
             )
 
         with torch.no_grad():
+            # Read through a call of the module, so that offloading hooks place the learned tensors first.
+            learned_tokens = self.transformer.caption_tokens()
             embeds, masks, rows = self._caption_bank(
                 prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated, device
             )
@@ -553,7 +560,7 @@ class MagiPipeline(DiffusionPipeline):
             if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != num_videos:
                 raise ValueError(f"negative_prompt_embeds has batch {negative_prompt_embeds.shape[0]}, expected {num_videos}.")
             negative = negative_caption_rows(
-                self.transformer,
+                learned_tokens,
                 num_videos,
                 negative_special_tokens,
                 negative_prompt_embeds.to(device) if negative_prompt_embeds is not None else None,
@@ -562,6 +569,7 @@ class MagiPipeline(DiffusionPipeline):
         repeat = num_videos_per_prompt
         generation = _Generation(
             captions=(embeds, masks, rows.repeat_interleave(repeat, dim=0)),
+            learned_tokens=learned_tokens,
             negative=(negative[0].to(device).repeat_interleave(repeat, 0), negative[1].to(device).repeat_interleave(repeat, 0)),
             prefix_latents=None if prefix_latents is None else prefix_latents.repeat_interleave(repeat, dim=0),
             batch_size=batch_size,
@@ -617,7 +625,8 @@ class MagiPipeline(DiffusionPipeline):
             negative_prompt_embeds, negative_prompt_attention_mask: `(batch, 800, 4096)` and `(batch, 800)`.
             output_type (`str`, defaults to `"np"`): `"np"`, `"pil"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a `MagiPipelineOutput` instead of a tuple.
-            kv_cache_device (`str` or `torch.device`, *optional*): keep the KV cache there (e.g. `"cpu"`).
+            kv_cache_device (`str` or `torch.device`, *optional*): keep the KV cache there (e.g. `"cpu"`, the
+                original's `kv_offload`); each layer moves its cached chunks to the compute device when it reads them.
             callback_on_step_end (`Callable`, *optional*): called after every transformer call as
                 `callback(pipe, call_index, timesteps, {"latents": denoised_chunks})`; may return new `latents`.
             callback_on_step_end_tensor_inputs (`List[str]`, *optional*): tensors passed to the callback.
@@ -631,6 +640,13 @@ class MagiPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return MagiPipelineOutput(frames=frames)
+
+
+def _input_device(module: torch.nn.Module, execution_device: torch.device) -> torch.device:
+    """Where inputs of `module` go: its own device, unless sequential offloading left its weights on the meta device
+    between calls (its hooks then move inputs to the execution device themselves)."""
+    device = module.device
+    return execution_device if device.type == "meta" else device
 
 
 def _is_batch_of_chunk_prompts(chunk_prompts) -> bool:

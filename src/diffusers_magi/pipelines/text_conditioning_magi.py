@@ -52,7 +52,7 @@ def validate_special_tokens(special_tokens: Optional[Sequence[str]]) -> Tuple[st
 
 
 def chunk_caption_rows(
-    transformer,
+    learned_tokens,
     prompt_embeds: torch.Tensor,
     prompt_attention_mask: torch.Tensor,
     special_tokens: Sequence[str],
@@ -63,7 +63,7 @@ def chunk_caption_rows(
     """Caption rows of generated chunks, special tokens prepended.
 
     Args:
-        transformer (`MagiTransformer3DModel`): holds the learned special tokens.
+        learned_tokens (`MagiLearnedTokens`): the transformer's learned tokens, `transformer.caption_tokens()`.
         prompt_embeds (`torch.Tensor` of shape `(batch, chunks, text_length, text_dim)`): caption of each chunk.
         prompt_attention_mask (`torch.Tensor` of shape `(batch, chunks, text_length)`).
         special_tokens (`Sequence[str]`): flags from `SPECIAL_TOKEN_FLAGS`; order does not matter.
@@ -91,7 +91,7 @@ def chunk_caption_rows(
             # A chunk is told how many chunks come after it (clamped at 8).
             rows = [
                 _prepend(
-                    transformer.special_token(f"duration_{min(num_generated_chunks - 1 - index, MAX_DURATION_TOKEN - 1) + 1}"),
+                    learned_tokens.special_token(f"duration_{min(num_generated_chunks - 1 - index, MAX_DURATION_TOKEN - 1) + 1}"),
                     embeds[:, row : row + 1],
                     mask[:, row : row + 1],
                 )
@@ -100,7 +100,7 @@ def chunk_caption_rows(
             embeds = torch.cat([row[0] for row in rows], dim=1)
             mask = torch.cat([row[1] for row in rows], dim=1)
         else:
-            embeds, mask = _prepend(transformer.special_token(flag), embeds, mask)
+            embeds, mask = _prepend(learned_tokens.special_token(flag), embeds, mask)
     if negative is not None:
         empty = prompt_attention_mask.sum(-1) == 0
         negative_embeds, negative_mask = negative[0][:, None], negative[1][:, None]
@@ -110,19 +110,20 @@ def chunk_caption_rows(
 
 
 def negative_caption_rows(
-    transformer,
+    learned_tokens,
     batch_size: int,
     negative_special_tokens: bool = False,
     negative_prompt_embeds: Optional[torch.Tensor] = None,
     negative_prompt_attention_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The unconditional caption, `(batch, text_length, text_dim)` and its mask `(batch, text_length)`.
+    """The unconditional caption, `(batch, text_length, text_dim)` and its mask `(batch, text_length)`, from the
+    transformer's learned tokens (`learned_tokens = transformer.caption_tokens()`).
 
     By default the learned null caption with a mask on its first 50 tokens (the mask does not move when negative
     special tokens are prepended, as in the original). With `negative_prompt_embeds`, that embedding and its mask
     (shifted by prepended tokens like a conditional caption)."""
     if negative_prompt_embeds is None:
-        null = transformer.text_embedder.null_caption_embedding.float()
+        null = learned_tokens.null_caption_embedding.float()
         embeds = null.expand(batch_size, -1, -1)
         mask = torch.zeros(batch_size, null.shape[0], device=null.device)
         mask[:, :NULL_CAPTION_TOKENS] = 1
@@ -132,7 +133,7 @@ def negative_caption_rows(
         keep_mask = False
     if negative_special_tokens:
         for name in NEGATIVE_SPECIAL_TOKENS:
-            embeds, shifted = _prepend(transformer.special_token(name), embeds, mask)
+            embeds, shifted = _prepend(learned_tokens.special_token(name), embeds, mask)
             mask = mask if keep_mask else shifted
     return embeds, mask
 
