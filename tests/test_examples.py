@@ -34,3 +34,17 @@ def test_example_script(tmp_path, script, extra, frames):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(imageio.mimread(str(output), memtest=False)) == frames
+
+
+@pytest.mark.slow
+def test_colab_notebook_runs_offline(tmp_path):
+    """The notebook executes top to bottom; off Colab it uses the tiny random pipeline."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(str(EXAMPLES / "magi_colab.ipynb"), as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (tmp_path / "fox.mp4").is_file() and (tmp_path / "forest.mp4").is_file()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    videos = [output for output in outputs if "<video" in output.get("data", {}).get("text/html", "")]
+    assert len(videos) == 2  # both videos are shown inline
