@@ -28,7 +28,10 @@ setup(
     ],
     entry_points={"console_scripts": ["magi-generate=diffusers_magi.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # torchao: the quantization tests (a 3 MB wheel that leaves torch alone)
+        "test": ["pytest>=8", "hypothesis>=6", "torchao>=0.18"],
+        # weight-only int8 / float8 quantisation of the transformer (`TorchAoConfig`)
+        "torchao": ["torchao>=0.18"],
         "xformers": ["xformers"],
     },
     classifiers=[

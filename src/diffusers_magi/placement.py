@@ -24,10 +24,13 @@ def available_devices() -> List[str]:
     return devices
 
 
-def check_device(device: Union[str, int, torch.device], argument: str, hint: str = "") -> torch.device:
+def check_device(
+    device: Union[str, int, torch.device], argument: str, hint: str = "", described_as: Optional[str] = None
+) -> torch.device:
     """`device` as a `torch.device`, or a `ValueError` naming `argument` when this machine does not have it.
 
-    An integer means that accelerator index (as in accelerate's device maps)."""
+    An integer means that accelerator index (as in accelerate's device maps). The error starts with `described_as`
+    (default: `argument=device`)."""
     if isinstance(device, int):
         kind = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cuda"
         resolved = torch.device(kind, device)
@@ -35,13 +38,13 @@ def check_device(device: Union[str, int, torch.device], argument: str, hint: str
         try:
             resolved = torch.device(device)
         except (RuntimeError, TypeError) as error:
-            raise ValueError(f"{argument}={device!r} is not a device ({error}).") from None
+            raise ValueError(f"{described_as or f'{argument}={device!r}'} is not a device ({error}).") from None
     if resolved.type in ("cpu", "meta"):
         return resolved
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if accelerator is None or resolved.type != accelerator.type or (resolved.index or 0) >= torch.accelerator.device_count():
         raise ValueError(
-            f"{argument}={device!r} names a device this machine does not have (available: "
+            f"{described_as or f'{argument}={device!r}'} names a device this machine does not have (available: "
             f"{', '.join(available_devices())}).{' ' + hint if hint else ''}"
         )
     return resolved
@@ -58,13 +61,15 @@ def check_device_map(device_map: Any, max_memory: Optional[Dict[Any, Any]] = Non
         placements = [("device_map", device_map)]
     else:
         placements = []
-    placements += [(f"max_memory key {key!r}", key) for key in (max_memory or {})]
-    for argument, device in placements:
+    placements = [(f"{argument}={device!r}", device) for argument, device in placements]
+    placements += [(f"max_memory (key {key!r})", key) for key in (max_memory or {})]
+    for described_as, device in placements:
         if isinstance(device, str) and device in NON_DEVICE_PLACEMENTS:
             continue
         check_device(
             device,
-            argument,
+            "device_map",
             hint="Name only devices this machine has; to plan a multi-GPU placement without the GPUs, call "
             "accelerate's `infer_auto_device_map` on a model built on the meta device.",
+            described_as=described_as,
         )

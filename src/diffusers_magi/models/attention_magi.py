@@ -57,8 +57,11 @@ class Float32Linear(nn.Linear):
     a module of its own, so offloading and layerwise-casting hooks see it like any other layer."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float()
+        if weight.dtype != torch.float32:  # torchao-quantised weights keep their dtype through `.float()`
+            weight = weight.dequantize().float()
         bias = self.bias.float() if self.bias is not None else None
-        return F.linear(hidden_states.float(), self.weight.float(), bias)
+        return F.linear(hidden_states.float(), weight, bias)
 
 
 def apply_rotary_emb(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -252,21 +255,25 @@ class MagiAttnProcessor:
             key = torch.cat([cached_key, key], dim=1)
             value = torch.cat([cached_value, value], dim=1)
         self_attention = chunk_causal_attention(query, key, value, layout, backend=self._attention_backend)
+        del query, key, value  # tensors of the size of the call are freed as soon as they are dead
         if layout.shards is not None:
             self_attention = scatter_sequence_gather_heads(self_attention, layout.shards, group)
 
         # Cross-attention on the caption tokens, in the model dtype.
         cross_query = attn.norm_cross_q(attn.to_cross_q(normed).unflatten(-1, (attn.heads, attn.head_dim)))
+        del normed
         text_key_value = attn.to_cross_kv(text_states).unflatten(-1, (attn.kv_heads, 2 * attn.head_dim))
         text_keys, text_values = text_key_value.chunk(2, dim=-1)
         text_keys = attn.norm_cross_k(text_keys)
         cross_attention = per_chunk_cross_attention(
             cross_query, text_keys, text_values, text_lengths, layout, backend=self._attention_backend
         )
+        del cross_query
 
         # [self | cross] is re-ordered into `output_groups` interleaved groups before the output projection: the
         # checkpoints were trained with the projection split over 8 tensor-parallel ranks.
         combined = torch.cat([self_attention.flatten(2), cross_attention.flatten(2)], dim=-1)
+        del self_attention, cross_attention
         combined = combined.unflatten(-1, (2, attn.output_groups, -1)).transpose(-3, -2).flatten(-3)
         return attn.to_out(combined)
 
