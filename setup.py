@@ -26,12 +26,21 @@ setup(
         "ftfy",
         "beautifulsoup4",
     ],
-    entry_points={"console_scripts": ["magi-generate=diffusers_magi.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "magi-generate=diffusers_magi.cli:main",
+            "magi-convert=diffusers_magi.conversion.cli:main",
+        ]
+    },
     extras_require={
+        # zstandard, sentencepiece, protobuf: the conversion tests read .zst shards and an original-style T5 tokenizer
         # torchao: the quantization tests (a 3 MB wheel that leaves torch alone)
-        "test": ["pytest>=8", "hypothesis>=6", "torchao>=0.18"],
+        "test": ["pytest>=8", "hypothesis>=6", "zstandard>=0.22", "sentencepiece>=0.2", "protobuf", "torchao>=0.18"],
         # weight-only int8 / float8 quantisation of the transformer (`TorchAoConfig`)
         "torchao": ["torchao>=0.18"],
+        # magi-convert: .zst-compressed original shards; the original T5 tokenizer (spiece.model)
+        "convert": ["zstandard>=0.22", "sentencepiece>=0.2", "protobuf"],
+        "zstd": ["zstandard>=0.22"],
         "xformers": ["xformers"],
     },
     classifiers=[

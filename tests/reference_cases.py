@@ -101,3 +101,28 @@ def step_size(kwargs: dict):
     if kwargs["num_steps"] == 12:
         return 4 / kwargs["distill_interval"]["tensor0d"] * 2
     return kwargs["num_steps"] / 4 * 2
+
+
+def run_forward_call(case: Case, call: dict, transformer) -> torch.Tensor:
+    """Replay one recorded direct `VideoDiTModel.forward` call (no KV cache) on `transformer`; returns its output."""
+    args, kwargs = call["args"], call["kwargs"]
+    assert args.get("inference_params") is None, "forward cases run without a KV cache"
+    x, t = case.tensor(args["x"]), case.tensor(args["t"])
+    batch_size, num_chunks = t.shape
+    captions, masks = case.captions(call)
+    tokens = case.tokens_per_chunk(x, num_chunks)
+    kv_range = case.tensor(args["kv_range"])
+    # With a batch of several elements the original uses kv_range[0] (relative) for every element.
+    starts = attention_starts(kv_range[:num_chunks] if batch_size == 1 else kv_range[:1], 0, tokens)
+    distilled = bool(case.original_config["engine_config"]["distill"])
+    with torch.no_grad():
+        return transformer(
+            x,
+            t,
+            captions.reshape(batch_size, num_chunks, *captions.shape[1:]),
+            masks.reshape(batch_size, num_chunks, -1),
+            first_chunk_index=kwargs.get("slice_point", 0),
+            attention_chunk_starts=starts,
+            caption_dropped=case.tensor(args["caption_dropout_mask"]),
+            step_size=step_size(kwargs) if distilled else None,
+        ).sample

@@ -11,7 +11,7 @@ import torch
 from diffusers_magi import MagiGuidance, MagiKVCache
 
 from .conftest import relative_max_error
-from .reference_cases import Case, attention_starts, dit_case_names, step_size
+from .reference_cases import Case, attention_starts, dit_case_names, run_forward_call, step_size
 
 TOLERANCE = 1e-4
 FORWARD_CASES = dit_case_names("dit_forward")
@@ -37,25 +37,7 @@ def test_forward_case(reference_dir, name):
     """Direct `VideoDiTModel.forward` calls: (x, t, caption rows, key ranges, caption_dropout_mask)."""
     case = Case(name)
     for call in case.calls():
-        args, kwargs = call["args"], call["kwargs"]
-        assert args.get("inference_params") is None, "forward cases run without a KV cache"
-        x, t = case.tensor(args["x"]), case.tensor(args["t"])
-        batch_size, num_chunks = t.shape
-        captions, masks = case.captions(call)
-        tokens = case.tokens_per_chunk(x, num_chunks)
-        kv_range = case.tensor(args["kv_range"])
-        # With a batch of several elements the original uses kv_range[0] (relative) for every element.
-        starts = attention_starts(kv_range[:num_chunks] if batch_size == 1 else kv_range[:1], 0, tokens)
-        output = case.transformer(
-            x,
-            t,
-            captions.reshape(batch_size, num_chunks, *captions.shape[1:]),
-            masks.reshape(batch_size, num_chunks, -1),
-            first_chunk_index=kwargs.get("slice_point", 0),
-            attention_chunk_starts=starts,
-            caption_dropped=case.tensor(args["caption_dropout_mask"]),
-            step_size=step_size(kwargs) if _distilled(case) else None,
-        ).sample
+        output = run_forward_call(case, call, case.transformer)
         _assert_close(output, case.outputs[f"call{call['index']}.out"], f"{name} call{call['index']}")
 
 

@@ -1,13 +1,17 @@
 """Original MAGI-1 config + checkpoint folders -> `MagiPipeline`."""
 
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import torch
 
 from ..pipelines.pipeline_magi import MagiPipeline
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .original_checkpoint import read_original_config
+from .original_layout import OriginalSources, download_original_snapshot, resolve_original_sources
+from .text_encoder import load_original_text_encoder
 from .transformer import load_original_transformer
+from .vae import load_original_vae
 
 
 def scheduler_from_original(original_config: dict) -> MagiChunkScheduler:
@@ -41,37 +45,39 @@ def pipeline_config_from_original(original_config: dict) -> dict:
 
 
 def convert_original_pipeline(
-    config_path: str,
-    checkpoint_dir: str,
-    special_tokens_path: Optional[str],
-    vae_dir: Optional[str] = None,
-    t5_dir: Optional[str] = None,
-    torch_dtype: torch.dtype = torch.float32,
+    config: Union[str, os.PathLike, dict],
+    checkpoint_dir: Union[str, os.PathLike],
+    special_tokens_path: Optional[Union[str, os.PathLike]],
+    vae_dir: Optional[Union[str, os.PathLike]] = None,
+    t5_dir: Optional[Union[str, os.PathLike]] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    dequantize_fp8: bool = False,
 ) -> MagiPipeline:
     """Build a `MagiPipeline` from the original layout.
 
     Args:
-        config_path (`str`): original three-section config JSON; its runtime section gives the scheduler settings
-            and the guidance defaults (`cfg_number` 3 -> three-branch guidance, 1 -> distilled).
+        config (`str`, `os.PathLike` or `dict`): original three-section config (JSON path or dict, e.g. a preset); its
+            runtime section gives the scheduler settings and the guidance defaults (`cfg_number` 3 -> three-branch
+            guidance, 1 -> distilled).
         checkpoint_dir (`str`): folder holding `inference_weight[.fp8][.distill]/`.
         special_tokens_path (`str` or `None`): the original `special_tokens.npz` (a file of the original GitHub repo).
         vae_dir (`str`, *optional*): the original `ckpt/vae` folder; without it the pipeline only returns latents.
-        t5_dir (`str`, *optional*): a T5 encoder folder (`ckpt/t5/t5-v1_1-xxl`) loadable by transformers; without
-            it the pipeline needs `prompt_embeds`.
-        torch_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the transformer blocks and the VAE.
+        t5_dir (`str`, *optional*): the original T5 folder (`ckpt/t5/t5-v1_1-xxl`); without it the pipeline needs
+            `prompt_embeds`. Pickled weights are read with `weights_only=True` only.
+        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks (default: the config's
+            `params_dtype`, as the original runs). The VAE is float32 unless given; T5 keeps its stored dtype.
+        dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, dequantise the float8 linears into plain
+            `torch_dtype` linears instead of keeping the float8 arithmetic.
     """
-    original_config = read_original_config(config_path)
-    transformer = load_original_transformer(config_path, checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype)
+    original_config = read_original_config(config)
+    transformer = load_original_transformer(
+        original_config, checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+    )
     vae = text_encoder = tokenizer = None
     if vae_dir is not None:
-        from .vae import load_original_vae
-
-        vae = load_original_vae(vae_dir, torch_dtype=torch_dtype)
+        vae = load_original_vae(vae_dir, torch_dtype=torch_dtype or torch.float32)
     if t5_dir is not None:
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        tokenizer = AutoTokenizer.from_pretrained(t5_dir)
-        text_encoder = T5EncoderModel.from_pretrained(t5_dir, torch_dtype=torch.float32).eval()
+        text_encoder, tokenizer = load_original_text_encoder(str(t5_dir))
     return MagiPipeline(
         transformer=transformer,
         scheduler=scheduler_from_original(original_config),
@@ -80,3 +86,45 @@ def convert_original_pipeline(
         tokenizer=tokenizer,
         **pipeline_config_from_original(original_config),
     )
+
+
+def pipeline_from_sources(
+    sources: OriginalSources,
+    special_tokens_path: Optional[Union[str, os.PathLike]],
+    torch_dtype: Optional[torch.dtype] = None,
+    dequantize_fp8: bool = False,
+) -> MagiPipeline:
+    """`convert_original_pipeline` for resolved `OriginalSources`."""
+    return convert_original_pipeline(
+        sources.config,
+        sources.checkpoint_dir,
+        special_tokens_path,
+        vae_dir=sources.vae_dir,
+        t5_dir=sources.t5_dir,
+        torch_dtype=torch_dtype,
+        dequantize_fp8=dequantize_fp8,
+    )
+
+
+def load_original_pipeline(
+    path_or_repo_id: Union[str, os.PathLike],
+    variant: Optional[str] = None,
+    special_tokens: Optional[Union[str, os.PathLike]] = None,
+    config: Optional[Union[str, os.PathLike, dict]] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    dequantize_fp8: bool = False,
+    **download_kwargs,
+) -> MagiPipeline:
+    """`MagiPipeline` straight from the original repository layout (a local folder or a Hub repository id such as
+    `"sand-ai/MAGI-1"`, of which only the variant's weights, the VAE and T5 are downloaded). See
+    `MagiPipeline.from_original`."""
+    if variant is None:
+        raise ValueError("Pass `variant`, the checkpoint folder name under ckpt/magi/ (e.g. '4.5B_distill').")
+    path = str(path_or_repo_id)
+    if not os.path.isdir(path):
+        original_config = read_original_config(config) if config is not None else None
+        path = download_original_snapshot(path, variant, config=original_config, **download_kwargs)
+    elif download_kwargs:
+        raise TypeError(f"{sorted(download_kwargs)} only apply to Hub downloads; {path} is a local folder.")
+    sources = resolve_original_sources(path, variant, config=config)
+    return pipeline_from_sources(sources, special_tokens, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8)

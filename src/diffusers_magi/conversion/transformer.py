@@ -1,14 +1,22 @@
-"""Original MAGI-1 DiT checkpoint -> `MagiTransformer3DModel`."""
+"""Original MAGI-1 DiT checkpoint -> `MagiTransformer3DModel`.
+
+fp8 checkpoints ("distill + fp8_quant") are loaded as the original builds them: in every block but the first and the
+last, seven linears are float8 (`MagiFp8Linear`, see `models/fp8_linear_magi.py`). They can also be dequantised at
+conversion time into a plain transformer of any float dtype (`dequantize_fp8=True`).
+"""
 
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
-from ..models.transformer_magi import SPECIAL_TOKEN_NAMES, MagiTransformer3DModel
-from .original_checkpoint import load_safetensors_folder, read_original_config
+from ..models.fp8_linear_magi import FP8_DTYPE, dequantize_fp8_weight
+from ..models.transformer_magi import FP8_BLOCK_LINEARS, MagiTransformer3DModel
+from .original_checkpoint import load_safetensors_folder, original_weight_folder, read_original_config
+
+_DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
 
 # Original module path -> our module path. `{i}` is the layer index.
 _GLOBAL_KEY_MAP = {
@@ -46,7 +54,9 @@ _LAYER_KEY_MAP = {
     "mlp.linear_fc2": "ff.linear_out",
     "mlp_post_norm": "ff_post_norm",
 }
-_LAYER_KEY_PATTERN = re.compile(r"videodit_blocks\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LAYER_KEY_PATTERN = re.compile(
+    r"videodit_blocks\.layers\.(\d+)\.(.+)\.(weight|bias|weight_scale|input_scale|smooth_scale)$"
+)
 
 # Rows of the original `special_tokens.npz` arrays, in the order of `SPECIAL_TOKEN_NAMES`.
 _SPECIAL_TOKEN_ROWS = (
@@ -123,55 +133,128 @@ def load_special_tokens(special_tokens_path: str) -> torch.Tensor:
     return torch.stack(rows).to(torch.float16).to(torch.float32)
 
 
+def params_dtype_from_original(original_config: dict) -> torch.dtype:
+    """The original's `model_config.params_dtype` (the dtype the original runs the blocks in) as a torch dtype."""
+    name = original_config["model_config"].get("params_dtype", "torch.float32")
+    if name not in _DTYPES:
+        raise ValueError(f"model_config.params_dtype {name!r} is not one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def fp8_layers_from_original(original_config: dict) -> List[int]:
+    """Blocks the original quantises when `engine_config.fp8_quant` is set: all but the first and the last."""
+    if not original_config["engine_config"].get("fp8_quant", False):
+        return []
+    return list(range(1, original_config["model_config"]["num_layers"] - 1))
+
+
+def convert_fp8_tensors(state_dict: Dict[str, torch.Tensor], fp8_layers: List[int]) -> Dict[str, torch.Tensor]:
+    """Bring the quantised linears of a renamed fp8 state dict into `MagiFp8Linear`'s layout: the `(1, N, K)`
+    float8_e4m3fn `weight` becomes the `(N, K)` uint8 `fp8_weight` (same bytes), `smooth_scale` `(1, K)` becomes
+    `(K,)`. Raises a `ValueError` naming the tensor when a quantised linear is not stored as float8."""
+    converted = dict(state_dict)
+    for layer in fp8_layers:
+        for path, per_channel in FP8_BLOCK_LINEARS:
+            prefix = f"blocks.{layer}.{path}"
+            weight = converted.pop(f"{prefix}.weight", None)
+            if weight is None:
+                continue  # reported as missing by the caller
+            if weight.dtype != FP8_DTYPE:
+                raise ValueError(
+                    f"{prefix}.weight is {weight.dtype}, but an fp8_quant checkpoint stores block {layer}'s quantised "
+                    f"linears as {FP8_DTYPE}; is engine_config.fp8_quant right for this checkpoint?"
+                )
+            converted[f"{prefix}.fp8_weight"] = weight.reshape(weight.shape[-2:]).view(torch.uint8)
+            if per_channel and f"{prefix}.smooth_scale" in converted:
+                converted[f"{prefix}.smooth_scale"] = converted[f"{prefix}.smooth_scale"].reshape(-1)
+    return converted
+
+
+def dequantize_fp8_state_dict(state_dict: Dict[str, torch.Tensor], fp8_layers: List[int]) -> Dict[str, torch.Tensor]:
+    """Replace every `MagiFp8Linear` of a converted state dict by the float64 weight of an equivalent plain linear
+    (`dequantize_fp8_weight`); the caller casts it to the target dtype."""
+    dequantized = dict(state_dict)
+    for layer in fp8_layers:
+        for path, per_channel in FP8_BLOCK_LINEARS:
+            prefix = f"blocks.{layer}.{path}"
+            dequantized[f"{prefix}.weight"] = dequantize_fp8_weight(
+                dequantized.pop(f"{prefix}.fp8_weight"),
+                dequantized.pop(f"{prefix}.weight_scale"),
+                dequantized.pop(f"{prefix}.input_scale"),
+                dequantized.pop(f"{prefix}.smooth_scale") if per_channel else None,
+            )
+    return dequantized
+
+
 def load_original_transformer(
-    config_path: str,
-    checkpoint_dir: str,
-    special_tokens_path: Optional[str] = None,
-    torch_dtype: torch.dtype = torch.float32,
+    config: Union[str, os.PathLike, dict],
+    checkpoint_dir: Union[str, os.PathLike],
+    special_tokens_path: Optional[Union[str, os.PathLike]] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    dequantize_fp8: bool = False,
 ) -> MagiTransformer3DModel:
     """Build a `MagiTransformer3DModel` from an original MAGI-1 config and checkpoint.
 
     Args:
-        config_path (`str`): original three-section config JSON (`model_config`, `runtime_config`, `engine_config`).
+        config (`str`, `os.PathLike` or `dict`): original three-section config (`model_config`, `runtime_config`,
+            `engine_config`), as a JSON path or a dict (e.g. `diffusers_magi.conversion.presets.PRESETS[...]`).
         checkpoint_dir (`str`): folder holding `inference_weight[.fp8][.distill]/` (the original's
             `runtime_config.load`, e.g. `ckpt/magi/4.5B_base`).
         special_tokens_path (`str`, *optional*): the original `special_tokens.npz`; its tokens become weights of the
             model. Without it the model holds no special tokens.
-        torch_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the transformer blocks; embedders, norms
-            and the final projection stay float32 (`_keep_in_fp32_modules`).
+        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks; defaults to the config's
+            `params_dtype` (what the original runs). Embedders, norms, the final projection and fp8 scales stay
+            float32 (`_keep_in_fp32_modules`); float8 weights stay float8.
+        dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, turn every float8 linear into a plain linear
+            of `torch_dtype` holding its dequantised weight, instead of keeping float8 weights and arithmetic.
 
-    Every tensor must map onto the model and every model tensor must be present; anything else raises.
+    Every tensor must map onto the model and every model tensor must be present; anything else raises a `ValueError`.
     """
-    original_config = read_original_config(config_path)
-    engine = original_config["engine_config"]
-    if engine.get("fp8_quant", False):
-        raise ValueError(
-            "This checkpoint is fp8-quantised (engine_config.fp8_quant); loading fp8 checkpoints is not supported by "
-            "load_original_transformer."
-        )
-    weight_folder = "inference_weight" + (".distill" if engine["distill"] else "")
-    original_state_dict = load_safetensors_folder(os.path.join(checkpoint_dir, weight_folder))
+    original_config = read_original_config(config)
+    if torch_dtype is None:
+        torch_dtype = params_dtype_from_original(original_config)
+    if torch_dtype not in _DTYPES.values():
+        raise TypeError(f"torch_dtype must be one of {list(_DTYPES.values())}, got {torch_dtype!r}.")
+    fp8_layers = fp8_layers_from_original(original_config)
+    weight_folder = os.path.join(checkpoint_dir, original_weight_folder(original_config["engine_config"]))
+    state_dict = convert_transformer_state_dict(load_safetensors_folder(weight_folder))
+    state_dict = convert_fp8_tensors(state_dict, fp8_layers)
+    if dequantize_fp8:
+        state_dict = dequantize_fp8_state_dict(state_dict, fp8_layers)
 
-    config = transformer_config_from_original(original_config)
-    config["use_special_tokens"] = special_tokens_path is not None
-    state_dict = convert_transformer_state_dict(original_state_dict)
+    model_config = transformer_config_from_original(original_config)
+    model_config["use_special_tokens"] = special_tokens_path is not None
+    model_config["fp8_layers"] = fp8_layers if fp8_layers and not dequantize_fp8 else None
     if special_tokens_path is not None:
         state_dict["caption_tokens.special_tokens"] = load_special_tokens(special_tokens_path)
 
     with torch.device("meta"):
-        model = MagiTransformer3DModel(**config)
+        model = MagiTransformer3DModel(**model_config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     if missing:
-        raise ValueError(f"The original checkpoint lacks tensor(s) the model needs: {missing[:10]} ({len(missing)}).")
+        raise ValueError(
+            f"The original checkpoint {weight_folder} lacks tensor(s) the model needs: {missing[:10]} ({len(missing)} "
+            "in all)."
+        )
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise ValueError(f"Unexpected tensor(s) in {weight_folder} for this config: {unexpected[:10]}.")
     keep_in_fp32 = set(model._keep_in_fp32_modules)
     for name, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(
-                f"Tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but the config implies "
-                f"{tuple(expected[name].shape)}."
+                f"Tensor {name} has shape {tuple(tensor.shape)} in the checkpoint {weight_folder} but the config "
+                f"implies {tuple(expected[name].shape)}."
             )
-        dtype = torch.float32 if keep_in_fp32.intersection(name.split(".")) else torch_dtype
-        state_dict[name] = tensor.to(dtype)
+        if expected[name].dtype == torch.uint8:
+            dtype = torch.uint8
+        elif keep_in_fp32.intersection(name.split(".")):
+            dtype = torch.float32
+        else:
+            dtype = torch_dtype
+        # A fresh copy: tensors read from a file are views into it and may start at any 8-byte boundary; the CPU
+        # kernels' results can depend on that alignment, so every loader must hand the model freshly allocated tensors.
+        state_dict[name] = tensor.to(dtype, copy=True)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..models.autoencoder_magi import AutoencoderMagi
+from .original_checkpoint import load_safetensors_file
 
 # ddconfig options that change the architecture, with the only value the converter accepts and why.
 _REQUIRED_OPTIONS = {
@@ -155,9 +155,11 @@ def load_original_vae(vae_dir: str | Path, torch_dtype: torch.dtype = torch.floa
         ValueError: for an unsupported option, an unknown or missing weight, or a weight of the wrong shape.
     """
     vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{vae_dir} has no config.json; is it the original VAE folder (ckpt/vae)?")
     with open(vae_dir / "config.json", encoding="utf-8") as f:
         config = convert_vae_config(json.load(f))
-    state_dict = convert_vae_state_dict(load_file(vae_dir / "diffusion_pytorch_model.safetensors"))
+    state_dict = convert_vae_state_dict(load_safetensors_file(vae_dir / "diffusion_pytorch_model.safetensors"))
 
     with torch.device("meta"):
         model = AutoencoderMagi(**config)

@@ -23,6 +23,8 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from .weight_alignment import own_cpu_weights
+
 # The original encodes a single image by repeating it to four frames (a literal 4, not the temporal patch size) and
 # keeping the first latent frame.
 IMAGE_REPEAT_FRAMES = 4
@@ -374,6 +376,12 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.tile_sample_min_num_frames = 12
         self.spatial_tile_overlap_factor = 0.25
         self.temporal_tile_overlap_factor = 0.0
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`ModelMixin.from_pretrained`, then every CPU weight gets 64-byte aligned memory of its own
+        (`weight_alignment.own_cpu_weights`), so that results do not depend on where the loader put the weights."""
+        return own_cpu_weights(super().from_pretrained(*args, **kwargs))
 
     def enable_tiling(
         self,

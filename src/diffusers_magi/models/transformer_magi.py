@@ -28,7 +28,9 @@ from diffusers.utils import BaseOutput
 from ..placement import check_device_map
 from .attention_magi import ChunkAttentionLayout, MagiAttention, MagiLayerNorm
 from .context_parallel_magi import check_context_parallel_config, context_parallel_config, sequence_shards
+from .fp8_linear_magi import MagiFp8Linear
 from .kv_cache_magi import MagiKVCache
+from .weight_alignment import own_cpu_weights
 
 # Learned special tokens of MAGI-1 (rows of the original `special_tokens.npz`), prepended to captions by the
 # pipelines. `duration_k` means "k chunks remain after this one" (clamped at 8).
@@ -43,6 +45,19 @@ SPECIAL_TOKEN_NAMES = (
     *(f"duration_{k}" for k in range(1, 9)),
     "three_d_model",
     "two_d_anime",
+)
+
+
+# Linears of a block that fp8 checkpoints quantise: (path in the block, per-channel scales). All other linears (gates,
+# caption keys/values) stay in the model dtype.
+FP8_BLOCK_LINEARS = (
+    ("attn.to_q", False),
+    ("attn.to_k", False),
+    ("attn.to_v", False),
+    ("attn.to_cross_q", False),
+    ("attn.to_out", True),
+    ("ff.linear_in", False),
+    ("ff.linear_out", True),
 )
 
 
@@ -351,6 +366,10 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         attention_output_groups (`int`, defaults to 8): groups of the [self | cross] attention re-ordering before the
             output projection (a trace of 8-way tensor-parallel training).
         use_special_tokens (`bool`, defaults to `True`): whether the model holds MAGI-1's learned special tokens.
+        fp8_layers (`List[int]`, *optional*): blocks whose q/k/v, cross-attention query, attention output and MLP
+            linears are `MagiFp8Linear`s (float8 weights and activations, as the original "fp8_quant" checkpoints:
+            every block but the first and the last). They return the dtype of the hidden states (the attention output
+            projection is not promoted to float32).
     """
 
     _supports_gradient_checkpointing = False
@@ -366,6 +385,10 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         "ff_post_norm",
         "norm_out",
         "proj_out",
+        # float32 scales of the fp8 linears
+        "weight_scale",
+        "input_scale",
+        "smooth_scale",
     ]
     _skip_layerwise_casting_patterns = ["patch_embedding", "time_embedder", "text_embedder", "caption_tokens", "rope", "norm"]
     _no_split_modules = ["MagiTransformerBlock"]
@@ -408,6 +431,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         gate_softcap: float = 1.0,
         attention_output_groups: int = 8,
         use_special_tokens: bool = True,
+        fp8_layers: Optional[List[int]] = None,
     ):
         super().__init__()
         if num_attention_heads % num_key_value_heads:
@@ -449,6 +473,14 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         )
         self.norm_out = MagiLayerNorm(hidden_size, eps, zero_centered_norm_weights)
         self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * out_channels, bias=False)
+        for layer in fp8_layers or ():
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"fp8_layers holds {layer}, which is not a block index (0 ... {num_layers - 1}).")
+            for path, per_channel in FP8_BLOCK_LINEARS:
+                parent_path, name = path.rsplit(".", 1)
+                parent = self.blocks[layer].get_submodule(parent_path)
+                linear = getattr(parent, name)
+                setattr(parent, name, MagiFp8Linear(linear.in_features, linear.out_features, per_channel))
 
     @property
     def latent_channels(self) -> int:
@@ -463,9 +495,11 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         r"""Diffusers' `ModelMixin.from_pretrained`, with a clear error when `device_map` or `max_memory` name devices
         this machine does not have. Blocks are never split across devices (`_no_split_modules`), so
-        `device_map="auto"` with `max_memory` spreads whole blocks over GPUs, the CPU and disk (`offload_folder`)."""
+        `device_map="auto"` with `max_memory` spreads whole blocks over GPUs, the CPU and disk (`offload_folder`).
+        Weights left on the CPU get 64-byte aligned memory of their own (`weight_alignment.own_cpu_weights`), so that
+        results do not depend on where the loader put them."""
         check_device_map(kwargs.get("device_map"), kwargs.get("max_memory"))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return own_cpu_weights(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
 
     def enable_parallelism(self, *, config, cp_plan=None):
         r"""Diffusers' `enable_parallelism`: Ulysses context parallelism with `ContextParallelConfig(ulysses_degree=P)`

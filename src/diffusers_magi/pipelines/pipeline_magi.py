@@ -8,6 +8,7 @@ it is final; `__call__` collects them.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 from ..models.autoencoder_magi import AutoencoderMagi
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiLearnedTokens, MagiTransformer3DModel
+from ..models.weight_alignment import own_cpu_weights
 from ..placement import check_device
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .guidance_magi import GUIDANCE_MODES, MagiGuidance
@@ -105,6 +107,10 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline):
         default_num_inference_steps: int = 64,
     ):
         super().__init__()
+        if text_encoder is not None:
+            # Our models align their weights when loaded; transformers' loader may leave the encoder's as views into a
+            # memory-mapped file, whose alignment changes CPU results in the last bits (see `own_cpu_weights`).
+            own_cpu_weights(text_encoder)
         self.register_modules(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
@@ -150,6 +156,54 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline):
             name: value for name, value in pipeline.config.items() if name in parameters and name not in pipeline.components
         }
         return cls(**{**pipeline.components, **settings, **kwargs})
+
+    @classmethod
+    def from_original(
+        cls,
+        path_or_repo_id: Union[str, os.PathLike],
+        variant: str,
+        special_tokens: Optional[Union[str, os.PathLike]] = None,
+        config: Optional[Union[str, os.PathLike, dict]] = None,
+        torch_dtype: Optional[torch.dtype] = None,
+        dequantize_fp8: bool = False,
+        **download_kwargs,
+    ) -> "MagiPipeline":
+        r"""
+        Load a pipeline straight from the original MAGI-1 layout, without writing a Diffusers folder.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`): a local copy of the original Hub repository (`ckpt/magi/...`,
+                `ckpt/vae`, `ckpt/t5/t5-v1_1-xxl`) or its Hub id, e.g. `"sand-ai/MAGI-1"` (then only the variant's
+                weights, the VAE and T5 are downloaded).
+            variant (`str`): the checkpoint folder under `ckpt/magi/`, e.g. `"4.5B_distill"`; it picks the built-in
+                config of the six released variants unless `config` is given.
+            special_tokens (`str`, *optional*): the original `special_tokens.npz` (a file of the original GitHub
+                repository); without it the transformer has no special tokens.
+            config (`str` or `dict`, *optional*): an original config JSON (or dict) instead of the built-in preset.
+            torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks; defaults to the config's
+                `params_dtype` (bfloat16 for the released checkpoints), as the original runs.
+            dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, dequantise the float8 linears to
+                `torch_dtype` instead of running the original float8 arithmetic.
+            download_kwargs: passed to `huggingface_hub.snapshot_download` (`revision`, `cache_dir`, `token`, ...).
+
+        Examples:
+
+        ```py
+        >>> pipe = MagiPipeline.from_original("sand-ai/MAGI-1", variant="4.5B_distill", special_tokens="special_tokens.npz")
+        ```
+        """
+        from ..conversion.pipeline import load_original_pipeline
+
+        pipe = load_original_pipeline(
+            path_or_repo_id,
+            variant=variant,
+            special_tokens=special_tokens,
+            config=config,
+            torch_dtype=torch_dtype,
+            dequantize_fp8=dequantize_fp8,
+            **download_kwargs,
+        )
+        return pipe if cls is MagiPipeline else cls.from_pipe(pipe)
 
     @property
     def chunk_width(self) -> int:
