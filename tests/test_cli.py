@@ -58,6 +58,7 @@ def test_image_and_video_to_video(tmp_path):
         (["--prompt", "x", "--height", "30"], "multiples of 16"),
         (["--prompt", "x", "--steps", "6"], "multiple of window_size"),
         (["--prompt", "x", "--offload", "everything"], "invalid choice"),
+        (["--prompt", "x", "--variant", "9B_turbo"], "invalid choice"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_message(tmp_path, monkeypatch, capsys, flags, message):
@@ -74,3 +75,14 @@ def test_unreadable_video_file_is_reported(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*SMALL, "--prompt", "x", "--video", str(broken), "--output", str(tmp_path / "o.mp4")])
     assert "ffmpeg could not read" in capsys.readouterr().err
+
+
+def test_original_layout_needs_the_special_tokens_file(tmp_path, capsys):
+    """The default model is the original Hub repository; without special_tokens.npz the error says where to get it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "x", "--output", str(tmp_path / "o.mp4")])
+    assert exit_info.value.code == 2
+    assert "--special-tokens-file special_tokens.npz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--prompt", "x", "--variant", "24B_distill", "--special-tokens-file", "nope.npz", "--output", str(tmp_path / "o.mp4")])
+    assert "--special-tokens-file 'nope.npz' is not a readable file" in capsys.readouterr().err

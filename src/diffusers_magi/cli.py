@@ -1,7 +1,11 @@
 """`magi-generate`: MAGI-1 text-, image- and video-to-video from the command line.
 
-    magi-generate --prompt "A red fox trots through fresh snow" --output fox.mp4
+    magi-generate --prompt "A red fox trots through fresh snow" --special-tokens-file special_tokens.npz --output fox.mp4
+    magi-generate --model path/to/converted-folder --prompt "A red fox trots through fresh snow" --output fox.mp4
     magi-generate --model tiny-random --prompt "smoke test" --height 64 --width 64 --num-frames 48 --output t.mp4
+
+By default the 4.5B distilled checkpoint is loaded from the original Hub repository (`sand-ai/MAGI-1`, converted in
+memory); `--model` also takes a folder or Hub id written by `magi-convert`, or `tiny-random`.
 
 The video is written to `--output` while it is generated, chunk by chunk (24 frames each).
 """
@@ -13,7 +17,11 @@ from typing import List, Optional
 
 import torch
 
+from .conversion.presets import PRESETS
+
 TINY_RANDOM = "tiny-random"
+ORIGINAL_REPO_ID = "sand-ai/MAGI-1"
+DEFAULT_VARIANT = "4.5B_distill"
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,11 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        default=TINY_RANDOM,
-        help="a Diffusers folder or Hub id of a converted MAGI-1 pipeline, or 'tiny-random' (a tiny random pipeline "
-        "built in memory: a smoke test of the whole path, not a model)",
+        default=ORIGINAL_REPO_ID,
+        help="the original MAGI-1 repository (Hub id or local snapshot, with --variant), a Diffusers folder or Hub id "
+        "written by magi-convert, or 'tiny-random' (a tiny random pipeline built in memory: a smoke test of the whole "
+        "path, not a model)",
     )
-    model.add_argument("--variant", help="weights variant of the folder/Hub repo (e.g. 'fp16'), if it has several")
+    model.add_argument(
+        "--variant",
+        choices=sorted(PRESETS),
+        help=f"MAGI-1 variant of the original layout (default {DEFAULT_VARIANT} for {ORIGINAL_REPO_ID}); giving it "
+        "means --model is in the original layout",
+    )
+    model.add_argument(
+        "--special-tokens-file",
+        help="the original special_tokens.npz (example/assets of github.com/SandAI-org/MAGI-1), needed with the "
+        "original layout",
+    )
     model.add_argument(
         "--dtype", choices=sorted(DTYPES), help="dtype of the transformer and VAE (default: bfloat16; float32 for tiny-random)"
     )
@@ -99,6 +118,20 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         _fail(parser, f"--offload {args.offload} moves components between the CPU and an accelerator; with --device cpu use --offload none.")
     if args.model != TINY_RANDOM and not os.path.isdir(args.model) and os.path.exists(args.model):
         _fail(parser, f"--model {args.model!r} is a file; pass a pipeline folder, a Hub id or 'tiny-random'.")
+    if _original_layout(args):
+        if args.special_tokens_file is None and args.special_tokens:
+            _fail(
+                parser,
+                "the original layout needs --special-tokens-file special_tokens.npz (example/assets of "
+                "github.com/SandAI-org/MAGI-1), or --special-tokens with no flags to generate without them.",
+            )
+        if args.special_tokens_file and not os.path.isfile(args.special_tokens_file):
+            _fail(parser, f"--special-tokens-file {args.special_tokens_file!r} is not a readable file.")
+
+
+def _original_layout(args) -> bool:
+    """Whether --model is in the original MAGI-1 layout (loaded with `MagiPipeline.from_original`)."""
+    return args.model != TINY_RANDOM and (args.variant is not None or args.model == ORIGINAL_REPO_ID)
 
 
 def _chunk_prompts(args) -> Optional[List[str]]:
@@ -121,9 +154,15 @@ def load_pipeline(args):
         if args.dtype is not None:
             pipe.transformer.to(DTYPES[args.dtype])
             pipe.vae.to(DTYPES[args.dtype])
+    elif _original_layout(args):
+        pipe = MagiPipeline.from_original(
+            args.model,
+            variant=args.variant or DEFAULT_VARIANT,
+            special_tokens=args.special_tokens_file,
+            torch_dtype=DTYPES[args.dtype or "bfloat16"],
+        )
     else:
-        dtype = DTYPES[args.dtype or "bfloat16"]
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, variant=args.variant)
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype or "bfloat16"])
     pipeline_class = MagiImageToVideoPipeline if args.image else MagiVideoToVideoPipeline if args.video else MagiPipeline
     if not isinstance(pipe, pipeline_class):
         pipe = pipeline_class.from_pipe(pipe)
