@@ -1,4 +1,5 @@
-"""Builds copies of the original MAGI-1 Hub repository layout from the tiny reference checkpoints, for conversion tests:
+"""Builds copies of the original MAGI-1 Hub repository layout from the tiny reference checkpoints, for the conversion
+tests:
 
 ```
 <root>/ckpt/magi/<variant>/inference_weight[.fp8][.distill]/   the reference DiT checkpoint (as stored, or resharded)

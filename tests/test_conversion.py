@@ -87,6 +87,10 @@ def generate(pipe):
     ).frames
 
 
+def public_config(component) -> dict:
+    return {key: value for key, value in component.config.items() if not key.startswith("_")}
+
+
 def assert_same_weights(model, reference):
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
@@ -131,8 +135,7 @@ def test_converted_folder_equals_direct_loading(snapshot, converted, variant):
         for name in ("transformer", "vae", "text_encoder"):
             assert_same_weights(getattr(loaded, name), getattr(direct, name))
         assert loaded.config.guidance_mode == direct.config.guidance_mode
-        public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}
-        assert public(loaded.scheduler.config) == public(direct.scheduler.config)
+        assert public_config(loaded.scheduler) == public_config(direct.scheduler)
         assert torch.equal(generate(loaded), expected), f"{loader.__name__} output differs"
 
 
@@ -262,3 +265,15 @@ def test_fresh_process_loads_through_the_wrapper_files(snapshot, converted, tmp_
     result = torch.load(output)
     assert result["pipeline_class"] == "MagiPipeline"
     assert torch.equal(result["frames"], generate(direct_pipeline(snapshot, FP8_VARIANT)))
+
+
+def test_convert_from_a_hub_repository_id(snapshot, tmp_path):
+    """`--source` naming a Hub repository downloads only the variant's weight folder, the VAE and T5."""
+    output = tmp_path / "from_hub"
+    with mock.patch("huggingface_hub.snapshot_download", return_value=str(snapshot)) as download:
+        args = convert_args(snapshot, "tiny45_distill", output)
+        args[args.index("--source") + 1] = "sand-ai/MAGI-1"
+        assert magi_convert(args) == 0
+    assert download.call_args.args == ("sand-ai/MAGI-1",)
+    assert download.call_args.kwargs["allow_patterns"][0] == "ckpt/magi/tiny45_distill/inference_weight.distill/*"
+    assert (output / "model_index.json").is_file()

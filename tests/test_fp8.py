@@ -112,7 +112,8 @@ def test_fp8_sampler_case(reference_dir, name):
 def test_dequantized_fp8_is_further_from_the_original(reference_dir, name):
     """Option (b), dequantising the float8 linears at conversion: a plain model without activation quantisation. It
     is not the original's arithmetic, so the float8 model (a) must be closer to the reference than (b); (b) stays
-    within a few percent of (a) (measured: 2.4-3.5 % relative L2 in bfloat16, float16 and float32, docs/conversion.md)."""
+    within a few percent of (a) (measured: 2.4-3.5 % relative L2 in bfloat16, float16 and float32; see
+    docs/conversion.md)."""
     case = Case(name)
     config = DIT_DIR / case.description["checkpoint"]["config"]
     for dtype in (torch.bfloat16, torch.float32):

@@ -9,3 +9,19 @@ from .presets import PRESETS, preset
 from .text_encoder import load_original_text_encoder
 from .transformer import load_original_transformer
 from .vae import load_original_vae
+
+__all__ = [
+    "PRESETS",
+    "OriginalSources",
+    "convert_original_pipeline",
+    "convert_original_to_diffusers",
+    "download_original_snapshot",
+    "load_original_pipeline",
+    "load_original_text_encoder",
+    "load_original_transformer",
+    "load_original_vae",
+    "preset",
+    "push_folder_to_hub",
+    "resolve_original_sources",
+    "save_pipeline_folder",
+]

@@ -2,8 +2,10 @@
 
 Examples::
 
-    magi-convert --source sand-ai/MAGI-1 --variant 4.5B_distill --special-tokens special_tokens.npz --output magi-4.5b-distill
-    magi-convert --source ./MAGI-1 --variant 24B_distill_quant --special-tokens special_tokens.npz --output magi-24b-fp8
+    magi-convert --source sand-ai/MAGI-1 --variant 4.5B_distill --special-tokens special_tokens.npz \\
+        --output magi-4.5b-distill
+    magi-convert --source ./MAGI-1 --variant 24B_distill_quant --special-tokens special_tokens.npz \\
+        --output magi-24b-fp8
     magi-convert --config my_config.json --checkpoint-dir ckpt/magi/4.5B_base --vae-dir ckpt/vae \\
         --t5-dir ckpt/t5/t5-v1_1-xxl --special-tokens special_tokens.npz --output magi-4.5b
 """

@@ -28,21 +28,24 @@ _COMPONENT_CLASSES = {
     "vae": "AutoencoderMagi",
     "scheduler": "MagiChunkScheduler",
 }
-_COMPONENT_WRAPPER = '''"""Loader shim: lets Diffusers resolve this component (library `diffusers_magi` in model_index.json) when it downloads
-the repository. The implementation is the installed `diffusers-magi` package (`pip install diffusers-magi`)."""
+_COMPONENT_WRAPPER = '''"""Loader shim: lets Diffusers resolve this component (library `diffusers_magi` in
+model_index.json) when it downloads the repository. The implementation is the installed `diffusers-magi`
+package (`pip install diffusers-magi`)."""
 
 from diffusers_magi import {name}  # noqa: F401
 '''
-_ROOT_WRAPPER = '''"""Loader shim for `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_magi", trust_remote_code=True)`:
-importing the installed `diffusers-magi` package (`pip install diffusers-magi`) registers its classes with Diffusers;
-this file contains no implementation."""
+_ROOT_WRAPPER = '''"""Loader shim for
+`DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_magi", trust_remote_code=True)`: importing the
+installed `diffusers-magi` package (`pip install diffusers-magi`) registers its classes with Diffusers; this file
+contains no implementation."""
 
 from diffusers_magi import MagiPipeline  # noqa: F401
 '''
 
 
 def write_wrapper_files(folder: str) -> None:
-    """Write the root `pipeline_magi.py` and `<component>/diffusers_magi.py` for every MAGI component folder present."""
+    """Write the root `pipeline_magi.py`, and `<component>/diffusers_magi.py` for every MAGI component folder
+    present."""
     with open(os.path.join(folder, ROOT_WRAPPER), "w", encoding="utf-8") as file:
         file.write(_ROOT_WRAPPER)
     for component, name in _COMPONENT_CLASSES.items():
@@ -55,11 +58,9 @@ def check_output_folder(output_dir: Union[str, os.PathLike], overwrite: bool = F
     """The absolute output path; raises `FileExistsError` when it exists and is not an empty folder, unless
     `overwrite`. Call it before a long conversion so that a bad path fails first."""
     output_dir = os.path.abspath(str(output_dir))
-    if os.path.exists(output_dir) and not overwrite:
-        if not os.path.isdir(output_dir) or os.listdir(output_dir):
-            raise FileExistsError(
-                f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
-            )
+    occupied = os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir))
+    if occupied and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     return output_dir
 
 

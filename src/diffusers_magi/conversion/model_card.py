@@ -41,7 +41,7 @@ import diffusers_magi  # registers the MAGI-1 classes with Diffusers
 from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video, load_image
 
-pipe = DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16)
 pipe.enable_model_cpu_offload()
 
 # text to video
@@ -64,11 +64,11 @@ Diffusers import it for you:
 
 ```python
 pipe = DiffusionPipeline.from_pretrained(
-    "{repo_id}", custom_pipeline="pipeline_magi", trust_remote_code=True, torch_dtype=torch.bfloat16
+    "{repo_id}", custom_pipeline="pipeline_magi", trust_remote_code=True, dtype=torch.bfloat16
 )
 ```
 
-Load with `torch_dtype=torch.bfloat16`: that is what the original runs (without it the transformer blocks load as
+Load with `dtype=torch.bfloat16`: that is what the original runs (without it the transformer blocks load as
 float32); the modules the original keeps in float32 stay float32.{fp8_note}
 
 ## License

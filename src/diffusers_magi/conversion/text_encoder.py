@@ -8,16 +8,16 @@ as they are. The converter writes the encoder back as safetensors.
 """
 
 import json
-import logging
 import os
 import pickle
 from typing import Dict
 
 import torch
+from diffusers.utils import logging
 
 from .original_checkpoint import load_safetensors_folder
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -124,5 +124,11 @@ def load_original_text_encoder(t5_dir: str):
     meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
     if meta:
         raise ValueError(f"The T5 weights of {t5_dir} lack {meta[:5]}.")
-    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    except (ImportError, ValueError) as error:
+        raise ValueError(
+            f"Could not read the T5 tokenizer of {t5_dir}: {error}\nThe original ships it as spiece.model, which "
+            'needs the `sentencepiece` and `protobuf` packages: pip install "diffusers-magi[convert]".'
+        ) from error
     return model.eval(), tokenizer

@@ -17,7 +17,7 @@ float8 tensor cores (compute capability >= 8.9) `torch._scaled_mm` does it as th
 (float32 accumulation, fast accumulation on); elsewhere float32 matrix products of the float8 values stand in for it.
 The three differ only in float32 rounding.
 
-The float8 weight is stored as its raw bytes (`torch.uint8`), so that no dtype cast (`from_pretrained(torch_dtype=...)`,
+The float8 weight is stored as its raw bytes (`torch.uint8`), so that no dtype cast (`from_pretrained(dtype=...)`,
 `.to(dtype)`) can turn it into a wider type; the float32 scales are kept in float32 by the transformer's
 `_keep_in_fp32_modules`.
 """
