@@ -34,8 +34,19 @@ setup(
     },
     extras_require={
         # zstandard, sentencepiece, protobuf: the conversion tests read .zst shards and an original-style T5 tokenizer
+        # nbclient/nbformat/ipykernel: the tests execute the example notebook
         # torchao: the quantization tests (a 3 MB wheel that leaves torch alone)
-        "test": ["pytest>=8", "hypothesis>=6", "zstandard>=0.22", "sentencepiece>=0.2", "protobuf", "torchao>=0.18"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "zstandard>=0.22",
+            "sentencepiece>=0.2",
+            "protobuf",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "torchao>=0.18",
+        ],
         # weight-only int8 / float8 quantisation of the transformer (`TorchAoConfig`)
         "torchao": ["torchao>=0.18"],
         # magi-convert: .zst-compressed original shards; the original T5 tokenizer (spiece.model)
