@@ -132,3 +132,34 @@ def test_kv_cache_device_must_exist():
         pytest.skip("checks the errors of a machine without accelerator")
     with pytest.raises(ValueError, match="kv_cache_device='cuda:1' names a device"):
         _run(tiny_pipeline(), kv_cache_device="cuda:1")
+
+
+def _fp8_transformer():
+    """A tiny transformer with a float8 block (as the converted `distill_quant` checkpoints), random float8 weights."""
+    from diffusers_magi.models.fp8_linear_magi import MagiFp8Linear
+
+    from .tiny_models import tiny_transformer
+
+    model = tiny_transformer(num_layers=3, fp8_layers=[1])
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, MagiFp8Linear):
+            weight = torch.randn(module.fp8_weight.shape, generator=generator) * 100
+            module.fp8_weight.data = weight.to(torch.float8_e4m3fn).view(torch.uint8)
+            module.weight_scale.data = torch.tensor([0.01])
+            module.input_scale.data = torch.full_like(module.input_scale, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["block_level", "leaf_level", "sequential"])
+def test_fp8_checkpoint_blocks_offload_like_the_others(mode):
+    inputs = (torch.randn(1, 16, 12, 4, 4), torch.tensor([[0.3, 0.8]]), torch.randn(1, 2, 40, 32), torch.ones(1, 2, 40))
+    with torch.no_grad():
+        reference = _fp8_transformer()(*inputs).sample
+        model = _fp8_transformer()
+        if mode == "sequential":
+            accelerate.cpu_offload(model, CPU)
+        else:
+            extra = dict(num_blocks_per_group=1) if mode == "block_level" else {}
+            model.enable_group_offload(onload_device=CPU, offload_type=mode, **extra)
+        assert torch.equal(model(*inputs).sample, reference)
