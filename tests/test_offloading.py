@@ -163,3 +163,24 @@ def test_fp8_checkpoint_blocks_offload_like_the_others(mode):
             extra = dict(num_blocks_per_group=1) if mode == "block_level" else {}
             model.enable_group_offload(onload_device=CPU, offload_type=mode, **extra)
         assert torch.equal(model(*inputs).sample, reference)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "group"])
+def test_image_to_video_encodes_the_image_under_offloading(mode):
+    """The VAE *encodes* the image of image-to-video too: its inputs must reach it when its weights are offloaded."""
+    import numpy as np
+    import PIL.Image
+
+    from diffusers_magi import MagiImageToVideoPipeline
+
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    kwargs = dict(image=image, prompt="a cat runs", num_frames=24, height=32, width=32, output_type="latent")
+    reference = MagiImageToVideoPipeline.from_pipe(tiny_pipeline())(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe = MagiImageToVideoPipeline.from_pipe(tiny_pipeline())
+    if mode == "sequential":
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                accelerate.cpu_offload(component, CPU)
+    else:
+        pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames, reference)

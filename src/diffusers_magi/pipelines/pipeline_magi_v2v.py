@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import torch
 
-from .pipeline_magi import MagiPipeline
+from .pipeline_magi import MagiPipeline, _input_device
 from .video_processing_magi import frames_to_video, load_video_frames
 
 
@@ -65,5 +65,6 @@ class MagiVideoToVideoPipeline(MagiPipeline):
                 f"{num_prefix_frames}; pass a longer video or a smaller num_prefix_frames."
             )
         video = frames_to_video(frames)
-        latents = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        video = video.to(_input_device(self.vae, self._execution_device), self.vae.dtype)
+        latents = self.vae.encode(video).latent_dist.mode()
         return (latents * self.vae.config.scaling_factor).float()  # scaled in the VAE dtype, as the original
