@@ -65,10 +65,10 @@ def check_context_parallel_config(
     degree = cp_config.ulysses_degree
     if num_attention_heads % degree or num_key_value_heads % degree:
         divisors = [d for d in range(2, num_key_value_heads + 1) if num_key_value_heads % d == 0 and num_attention_heads % d == 0]
+        choice = f"Choose ulysses_degree from {divisors}." if divisors else "No degree above 1 divides both."
         raise ValueError(
             f"ulysses_degree={degree} must divide the attention heads ({num_attention_heads}) and the key/value heads "
-            f"({num_key_value_heads}) of this transformer: every process takes a whole group of heads. Choose "
-            f"ulysses_degree from {divisors}."
+            f"({num_key_value_heads}) of this transformer: every process takes a whole group of heads. {choice}"
         )
 
 
