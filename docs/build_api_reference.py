@@ -29,6 +29,7 @@ SECTIONS = {
     "Scheduler and guidance": ["MagiChunkScheduler", "MagiGuidance"],
 }
 OWN_METHODS_OF = {"MagiImageToVideoPipeline": ["stream"], "MagiVideoToVideoPipeline": ["stream"]}
+INTERNAL_METHODS = {"register_to_config"}  # overrides of Diffusers plumbing, not user API
 
 
 def _docstring(obj) -> str:
@@ -49,7 +50,9 @@ def _public_methods(cls):
         member = members[name]
         if isinstance(member, (classmethod, staticmethod)):
             member = member.__func__
-        if (name.startswith("_") and name != "__call__") or not callable(member) or isinstance(member, type):
+        if (name.startswith("_") and name != "__call__") or name in INTERNAL_METHODS:
+            continue
+        if not callable(member) or isinstance(member, type):
             continue
         yield name, member
 
