@@ -12,7 +12,7 @@ from pathlib import Path
 
 import diffusers_magi
 import diffusers_magi.conversion
-from diffusers_magi import cli, tiny_random
+from diffusers_magi import cli, loading, tiny_random
 
 OUTPUT = Path(__file__).resolve().parent / "api.md"
 
@@ -85,6 +85,8 @@ def build() -> str:
         obj = getattr(diffusers_magi.conversion, name)
         if not name.startswith("_") and inspect.isfunction(obj):
             lines += _document(name, obj)
+    lines += ["## Loading (`diffusers_magi.loading`)", ""]
+    lines += _document("load_pipeline", loading.load_pipeline)
     lines += ["## Tiny random pipeline (`diffusers_magi.tiny_random`)", ""]
     lines += _document("tiny_random_pipeline", tiny_random.tiny_random_pipeline)
     parser = cli.build_parser()

@@ -10,11 +10,9 @@ chunks are not affected by later prompts, and later chunks see the earlier frame
 import argparse
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video
 
-import diffusers_magi  # noqa: F401  (registers the MAGI-1 classes with Diffusers)
-from diffusers_magi.tiny_random import tiny_random_pipeline
+from diffusers_magi.loading import load_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny-random")
@@ -24,11 +22,7 @@ parser.add_argument("--output", default="chunk_prompts.mp4")
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-if args.model == "tiny-random":
-    pipe = tiny_random_pipeline()
-else:
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-pipe.to(device)
+pipe = load_pipeline(args.model).to(device)
 
 schedule = {
     0: "A quiet pine forest at dawn, mist between the trees.",

@@ -9,12 +9,10 @@ import argparse
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video
 
-import diffusers_magi  # noqa: F401  (registers the MAGI-1 classes with Diffusers)
 from diffusers_magi import MagiImageToVideoPipeline
-from diffusers_magi.tiny_random import tiny_random_pipeline
+from diffusers_magi.loading import load_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny-random")
@@ -27,11 +25,7 @@ parser.add_argument("--output", default="image_to_video.mp4")
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-if args.model == "tiny-random":
-    pipe = tiny_random_pipeline()
-else:
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-pipe = MagiImageToVideoPipeline.from_pipe(pipe).to(device)  # same components, image-to-video entry point
+pipe = load_pipeline(args.model, pipeline_class=MagiImageToVideoPipeline).to(device)
 
 image = args.image or PIL.Image.fromarray((np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8))
 video = pipe(

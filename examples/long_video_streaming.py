@@ -9,11 +9,9 @@ import argparse
 import time
 
 import torch
-from diffusers import DiffusionPipeline
 
-import diffusers_magi  # noqa: F401  (registers the MAGI-1 classes with Diffusers)
 from diffusers_magi import write_video_stream
-from diffusers_magi.tiny_random import tiny_random_pipeline
+from diffusers_magi.loading import load_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny-random")
@@ -25,11 +23,7 @@ parser.add_argument("--output", default="long_video.mp4")
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-if args.model == "tiny-random":
-    pipe = tiny_random_pipeline()
-else:
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-pipe.to(device)
+pipe = load_pipeline(args.model).to(device)
 pipe.set_progress_bar_config(disable=True)
 
 chunks = pipe.stream(

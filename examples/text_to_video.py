@@ -3,18 +3,17 @@
     python examples/text_to_video.py --model path/to/converted-magi-4.5b-distill --output fox.mp4
     python examples/text_to_video.py --model tiny-random --height 64 --width 64   # smoke test, no download
 
-`--model` is a folder (or Hub id) written by `magi-convert`; `tiny-random` builds a tiny random pipeline in memory
-(a smoke test of the code path, not a model).
+`--model` is a folder (or Hub id) written by `magi-convert`, the original layout (`sand-ai/MAGI-1`, see
+`diffusers_magi.loading.load_pipeline`), or `tiny-random`: a tiny random pipeline built in memory (a smoke test of the
+code path, not a model).
 """
 
 import argparse
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video
 
-import diffusers_magi  # noqa: F401  (registers the MAGI-1 classes with Diffusers)
-from diffusers_magi.tiny_random import tiny_random_pipeline
+from diffusers_magi.loading import load_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny-random")
@@ -27,11 +26,7 @@ parser.add_argument("--output", default="text_to_video.mp4")
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-if args.model == "tiny-random":
-    pipe = tiny_random_pipeline()
-else:
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-pipe.to(device)
+pipe = load_pipeline(args.model).to(device)
 
 video = pipe(
     prompt=args.prompt,

@@ -10,12 +10,10 @@ import tempfile
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.utils import export_to_video
 
-import diffusers_magi  # noqa: F401  (registers the MAGI-1 classes with Diffusers)
 from diffusers_magi import MagiVideoToVideoPipeline
-from diffusers_magi.tiny_random import tiny_random_pipeline
+from diffusers_magi.loading import load_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="tiny-random")
@@ -29,11 +27,7 @@ parser.add_argument("--output", default="video_to_video.mp4")
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-if args.model == "tiny-random":
-    pipe = tiny_random_pipeline()
-else:
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-pipe = MagiVideoToVideoPipeline.from_pipe(pipe).to(device)
+pipe = load_pipeline(args.model, pipeline_class=MagiVideoToVideoPipeline).to(device)
 
 video_path = args.video
 if video_path is None:

@@ -18,10 +18,8 @@ from typing import List, Optional
 import torch
 
 from .conversion.presets import PRESETS
+from .loading import DEFAULT_VARIANT, ORIGINAL_REPO_ID, TINY_RANDOM, is_original_layout
 
-TINY_RANDOM = "tiny-random"
-ORIGINAL_REPO_ID = "sand-ai/MAGI-1"
-DEFAULT_VARIANT = "4.5B_distill"
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,7 +116,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         _fail(parser, f"--offload {args.offload} moves components between the CPU and an accelerator; with --device cpu use --offload none.")
     if args.model != TINY_RANDOM and not os.path.isdir(args.model) and os.path.exists(args.model):
         _fail(parser, f"--model {args.model!r} is a file; pass a pipeline folder, a Hub id or 'tiny-random'.")
-    if _original_layout(args):
+    if is_original_layout(args.model, args.variant):
         if args.special_tokens_file is None and args.special_tokens:
             _fail(
                 parser,
@@ -128,10 +126,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if args.special_tokens_file and not os.path.isfile(args.special_tokens_file):
             _fail(parser, f"--special-tokens-file {args.special_tokens_file!r} is not a readable file.")
 
-
-def _original_layout(args) -> bool:
-    """Whether --model is in the original MAGI-1 layout (loaded with `MagiPipeline.from_original`)."""
-    return args.model != TINY_RANDOM and (args.variant is not None or args.model == ORIGINAL_REPO_ID)
 
 
 def _chunk_prompts(args) -> Optional[List[str]]:
@@ -143,30 +137,17 @@ def _chunk_prompts(args) -> Optional[List[str]]:
 
 def load_pipeline(args):
     """The T2V / I2V / V2V pipeline the arguments ask for, placed and offloaded as asked."""
-    import diffusers_magi  # noqa: F401  (registers the classes with Diffusers)
-    from diffusers import DiffusionPipeline
-
+    from . import loading
     from .pipelines import MagiImageToVideoPipeline, MagiPipeline, MagiVideoToVideoPipeline
-    from .tiny_random import tiny_random_pipeline
 
-    if args.model == TINY_RANDOM:
-        pipe = tiny_random_pipeline()
-        if args.dtype is not None:
-            pipe.transformer.to(DTYPES[args.dtype])
-            pipe.vae.to(DTYPES[args.dtype])
-    elif _original_layout(args):
-        pipe = MagiPipeline.from_original(
-            args.model,
-            variant=args.variant or DEFAULT_VARIANT,
-            special_tokens=args.special_tokens_file,
-            torch_dtype=DTYPES[args.dtype or "bfloat16"],
-        )
-    else:
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype or "bfloat16"])
     pipeline_class = MagiImageToVideoPipeline if args.image else MagiVideoToVideoPipeline if args.video else MagiPipeline
-    if not isinstance(pipe, pipeline_class):
-        pipe = pipeline_class.from_pipe(pipe)
-
+    pipe = loading.load_pipeline(
+        args.model,
+        variant=args.variant,
+        special_tokens=args.special_tokens_file,
+        torch_dtype=DTYPES[args.dtype] if args.dtype else None,
+        pipeline_class=pipeline_class,
+    )
     if args.offload == "none":
         pipe.to(args.device)
     elif args.offload == "model":

@@ -1,0 +1,62 @@
+"""`load_pipeline`: one call for every place a MAGI-1 pipeline comes from.
+
+* `"tiny-random"`: the tiny random pipeline built in memory (`diffusers_magi.tiny_random`), a smoke test, not a model;
+* the original MAGI-1 layout (the Hub repository `sand-ai/MAGI-1` or a local snapshot of it) with a `variant`,
+  converted in memory by `MagiPipeline.from_original`;
+* a folder or Hub id written by `magi-convert` (`DiffusionPipeline.from_pretrained`).
+
+Used by `magi-generate` and the example scripts.
+"""
+
+from typing import Optional, Type
+
+import torch
+
+from .pipelines.pipeline_magi import MagiPipeline
+
+TINY_RANDOM = "tiny-random"
+ORIGINAL_REPO_ID = "sand-ai/MAGI-1"
+DEFAULT_VARIANT = "4.5B_distill"
+
+
+def is_original_layout(model: str, variant: Optional[str]) -> bool:
+    """Whether `model` names the original layout: a `variant` is given, or it is the original Hub repository."""
+    return model != TINY_RANDOM and (variant is not None or model == ORIGINAL_REPO_ID)
+
+
+def load_pipeline(
+    model: str = ORIGINAL_REPO_ID,
+    variant: Optional[str] = None,
+    special_tokens: Optional[str] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    pipeline_class: Type[MagiPipeline] = MagiPipeline,
+) -> MagiPipeline:
+    """Load a MAGI-1 pipeline of class `pipeline_class` (T2V, I2V or V2V; all share components).
+
+    Args:
+        model (`str`, defaults to `"sand-ai/MAGI-1"`): `"tiny-random"`, the original layout (Hub id or local snapshot,
+            see `variant`), or a Diffusers folder / Hub id written by `magi-convert`.
+        variant (`str`, *optional*): MAGI-1 variant of the original layout (`"4.5B_distill"`, `"24B_base"`, ...;
+            default `"4.5B_distill"` for `"sand-ai/MAGI-1"`). Giving it means `model` is in the original layout.
+        special_tokens (`str`, *optional*): the original `special_tokens.npz`, for the original layout.
+        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer and VAE; defaults to bfloat16 for real
+            checkpoints and float32 for `"tiny-random"`.
+        pipeline_class: `MagiPipeline`, `MagiImageToVideoPipeline` or `MagiVideoToVideoPipeline`.
+    """
+    if model == TINY_RANDOM:
+        from .tiny_random import tiny_random_pipeline
+
+        pipe = tiny_random_pipeline()
+        if torch_dtype is not None:
+            pipe.transformer.to(torch_dtype)
+            pipe.vae.to(torch_dtype)
+    elif is_original_layout(model, variant):
+        pipe = MagiPipeline.from_original(
+            model, variant=variant or DEFAULT_VARIANT, special_tokens=special_tokens, torch_dtype=torch_dtype or torch.bfloat16
+        )
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype or torch.bfloat16)
+    return pipe if isinstance(pipe, pipeline_class) else pipeline_class.from_pipe(pipe)
+
