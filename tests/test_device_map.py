@@ -13,7 +13,7 @@ from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_dev
 
 from diffusers_magi import MagiPipeline, MagiTransformer3DModel
 
-from .tiny_models import tiny_pipeline, tiny_transformer
+from .tiny_models import tiny_pipeline, tiny_transformer, tiny_transformer_inputs
 
 NO_ACCELERATOR = pytest.mark.skipif(torch.accelerator.is_available(), reason="checks a machine without accelerator")
 
@@ -23,16 +23,6 @@ CONFIG_24B = dict(
     gated_linear_unit=True, in_channels=32, out_channels=32, half_channel_vae=True, condition_dim=1536,
     cross_attention_dim=6144,
 )
-
-
-def _inputs():
-    generator = torch.Generator().manual_seed(0)
-    return (
-        torch.randn(1, 16, 12, 4, 4, generator=generator),
-        torch.tensor([[0.3, 0.8]]),
-        torch.randn(1, 2, 40, 32, generator=generator),
-        torch.ones(1, 2, 40),
-    )
 
 
 def _placements(device_map):
@@ -46,7 +36,7 @@ def _placements(device_map):
 
 def test_device_map_auto_spreads_whole_blocks_to_disk_with_the_same_output(tmp_path):
     model = tiny_transformer()
-    reference = model(*_inputs()).sample
+    reference = model(*tiny_transformer_inputs()).sample
     model.save_pretrained(tmp_path / "transformer")
     mapped = MagiTransformer3DModel.from_pretrained(
         tmp_path / "transformer", device_map="auto", max_memory={"cpu": "250KB"}, offload_folder=tmp_path / "offload"
@@ -55,7 +45,7 @@ def test_device_map_auto_spreads_whole_blocks_to_disk_with_the_same_output(tmp_p
     assert placements == {"cpu", "disk"}
     # Blocks are never split (`_no_split_modules`): a block is one entry of the map.
     assert all(key.count(".") <= 1 for key in mapped.hf_device_map if key.startswith("blocks"))
-    assert torch.equal(mapped(*_inputs()).sample, reference)
+    assert torch.equal(mapped(*tiny_transformer_inputs()).sample, reference)
 
 
 @pytest.mark.parametrize(

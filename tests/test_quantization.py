@@ -10,19 +10,9 @@ import torch
 
 from diffusers_magi import MagiTransformer3DModel
 
-from .tiny_models import tiny_transformer
+from .tiny_models import tiny_transformer, tiny_transformer_inputs
 
 CONFIG = dict(hidden_size=128, ffn_dim=256, cross_attention_dim=128, attention_head_dim=32)
-
-
-def _inputs():
-    generator = torch.Generator().manual_seed(0)
-    return (
-        torch.randn(1, 16, 12, 4, 4, generator=generator),
-        torch.tensor([[0.3, 0.8]]),
-        torch.randn(1, 2, 40, 32, generator=generator),
-        torch.ones(1, 2, 40),
-    )
 
 
 def _relative_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -43,7 +33,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bf16_output(folder):
     with torch.no_grad():
-        return MagiTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)(*_inputs()).sample
+        return MagiTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)(*tiny_transformer_inputs()).sample
 
 
 def test_layerwise_casting_equals_weights_rounded_to_float8(folder, bf16_output):
@@ -65,8 +55,8 @@ def test_layerwise_casting_equals_weights_rounded_to_float8(folder, bf16_output)
         for name, parameter in rounded.named_parameters():
             if name in stored:
                 parameter.copy_(parameter.to(torch.float8_e4m3fn).to(torch.bfloat16))
-        output = model(*_inputs()).sample
-        assert torch.equal(output, rounded(*_inputs()).sample)
+        output = model(*tiny_transformer_inputs()).sample
+        assert torch.equal(output, rounded(*tiny_transformer_inputs()).sample)
     # float8 (3 mantissa bits) weights: a few percent from the bfloat16 model (4.9% measured).
     assert _relative_l2(output, bf16_output) < 0.08
 
@@ -91,7 +81,7 @@ def test_torchao_weight_only_quantisation(torchao, folder, bf16_output, tmp_path
     assert len(quantised) == model.config.num_layers * 9  # the nine linears of each block
     assert all(name.startswith("blocks.") and name.endswith(".weight") for name in quantised)
     with torch.no_grad():
-        output = model(*_inputs()).sample
+        output = model(*tiny_transformer_inputs()).sample
     assert _relative_l2(output, bf16_output) < bound
 
     with warnings.catch_warnings():
@@ -99,4 +89,4 @@ def test_torchao_weight_only_quantisation(torchao, folder, bf16_output, tmp_path
         model.save_pretrained(tmp_path, safe_serialization=False)  # torchao tensors are saved with torch.save
     reloaded = MagiTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     with torch.no_grad():
-        assert torch.equal(reloaded(*_inputs()).sample, output)
+        assert torch.equal(reloaded(*tiny_transformer_inputs()).sample, output)
