@@ -100,10 +100,6 @@ class MagiKVCache:
         for layer in self.layers:
             layer.drop_chunks_before(chunk_index)
 
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer._chunks.clear()
-
     def nbytes(self) -> int:
         """Bytes held by the cached tensors, all layers together."""
         return sum(

@@ -493,6 +493,13 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline):
     # --------------------------------------------------------------------------------------------------------------
     # Decoding
     # --------------------------------------------------------------------------------------------------------------
+    def _encode_prefix(self, video: torch.Tensor) -> torch.Tensor:
+        """VAE-scaled latents `(1, channels, frames, h, w)` of a prefix video `(1, 3, frames, H, W)` in [-1, 1]
+        (the posterior mode, scaled in the VAE dtype as the original does, then float32)."""
+        video = video.to(_input_device(self.vae, self._execution_device), self.vae.dtype)
+        latents = self.vae.encode(video).latent_dist.mode()
+        return (latents * self.vae.config.scaling_factor).float()
+
     def _postprocess_chunk(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents

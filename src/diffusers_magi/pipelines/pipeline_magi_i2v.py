@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import torch
 
-from .pipeline_magi import MagiPipeline, _input_device
+from .pipeline_magi import MagiPipeline
 from .video_processing_magi import frames_to_video, load_image_frames
 
 
@@ -48,7 +48,4 @@ class MagiImageToVideoPipeline(MagiPipeline):
         return self._check_prefix_latents(latents.to(device), num_videos, height, width)
 
     def _encode_image(self, image, height: int, width: int, resize_mode: str) -> torch.Tensor:
-        video = frames_to_video(load_image_frames(image, width, height, resize_mode))
-        video = video.to(_input_device(self.vae, self._execution_device), self.vae.dtype)
-        latents = self.vae.encode(video).latent_dist.mode()
-        return (latents * self.vae.config.scaling_factor).float()  # scaled in the VAE dtype, as the original
+        return self._encode_prefix(frames_to_video(load_image_frames(image, width, height, resize_mode)))

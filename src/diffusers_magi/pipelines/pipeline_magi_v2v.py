@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import torch
 
-from .pipeline_magi import MagiPipeline, _input_device
+from .pipeline_magi import MagiPipeline
 from .video_processing_magi import frames_to_video, load_video_frames
 
 
@@ -64,7 +64,4 @@ class MagiVideoToVideoPipeline(MagiPipeline):
                 f"`video` {path!r} has {frames.shape[0]} frames at {fps} fps, fewer than num_prefix_frames="
                 f"{num_prefix_frames}; pass a longer video or a smaller num_prefix_frames."
             )
-        video = frames_to_video(frames)
-        video = video.to(_input_device(self.vae, self._execution_device), self.vae.dtype)
-        latents = self.vae.encode(video).latent_dist.mode()
-        return (latents * self.vae.config.scaling_factor).float()  # scaled in the VAE dtype, as the original
+        return self._encode_prefix(frames_to_video(frames))
