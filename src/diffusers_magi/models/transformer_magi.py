@@ -23,8 +23,9 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, apply_lora_scale
 
+from ..loaders.peft_magi import MagiPeftAdapterMixin
 from ..placement import check_device_map
 from .attention_magi import ChunkAttentionLayout, MagiAttention, MagiLayerNorm
 from .context_parallel_magi import check_context_parallel_config, context_parallel_config, sequence_shards
@@ -333,7 +334,7 @@ class MagiTransformerBlock(nn.Module):
         return hidden_states
 
 
-class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin):
+class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, CacheMixin, AttentionMixin):
     r"""
     The MAGI-1 diffusion transformer: denoises a window of consecutive latent chunks, each at its own time, with
     chunk-causal attention to earlier chunks (in the window or in a `MagiKVCache`).
@@ -372,7 +373,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
             projection is not promoted to float32).
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
     _keep_in_fp32_modules = [
         "patch_embedding",
         "time_embedder",
@@ -472,6 +473,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
             ]
         )
         self.norm_out = MagiLayerNorm(hidden_size, eps, zero_centered_norm_weights)
+        self.gradient_checkpointing = False
         self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * out_channels, bias=False)
         for layer in fp8_layers or ():
             if not 0 <= layer < num_layers:
@@ -508,6 +510,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
         check_context_parallel_config(config, self.config.num_attention_heads, self.config.num_key_value_heads)
         return super().enable_parallelism(config=config, cp_plan=cp_plan)
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -550,7 +553,8 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
                 unconditional rows and the rows that refresh the cache in three-branch guidance).
             step_size (`float` or 0-d `torch.Tensor`, *optional*): shortcut step size of distilled checkpoints
                 (`step_size_conditioning=True`); `MagiChunkScheduler` provides it.
-            attention_kwargs (`dict`, *optional*): unused; accepted for API compatibility with Diffusers models.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` multiplies the output of every active LoRA adapter
+                by `s` for this call (Diffusers' `lora_scale`); nothing else is read from it.
             return_dict (`bool`, defaults to `True`): return a `MagiTransformerOutput` instead of a tuple.
 
         Returns:
@@ -612,15 +616,12 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, CacheMixin, AttentionMixin
 
         # 4. Transformer blocks (on this process's slice of the tokens under context parallelism: `_cp_plan`).
         for index, block in enumerate(self.blocks):
-            tokens = block(
-                tokens,
-                condition,
-                rotary_emb,
-                layout,
-                text_states,
-                text_lengths,
-                kv_cache.layer(index) if kv_cache is not None else None,
-            )
+            block_inputs = (tokens, condition, rotary_emb, layout, text_states, text_lengths)
+            block_cache = kv_cache.layer(index) if kv_cache is not None else None
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, *block_inputs, block_cache)
+            else:
+                tokens = block(*block_inputs, block_cache)
 
         # 5. Final norm and projection (float32), then un-patchify: (batch, channels, frames, height, width).
         output = self.proj_out(self.norm_out(tokens.float()).to(self.proj_out.weight.dtype)).float()

@@ -20,6 +20,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
+from ..loaders.lora_magi import MagiLoraLoaderMixin
 from ..models.autoencoder_magi import AutoencoderMagi
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiLearnedTokens, MagiTransformer3DModel
@@ -68,7 +69,7 @@ class _Generation:
         return 0 if self.prefix_latents is None else self.prefix_latents.shape[2]
 
 
-class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline):
+class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
     r"""
     MAGI-1 text-to-video: the video is generated chunk by chunk (24 frames each), several chunks in flight at
     staggered noise levels, each chunk attending to earlier ones through a KV cache.
