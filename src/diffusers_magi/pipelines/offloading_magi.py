@@ -25,7 +25,10 @@ class MagiOffloadingMixin:
 
     def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device: Union[torch.device, str, None] = None):
         r"""Diffusers' model offloading (`text_encoder -> transformer -> vae`, each moved to `device` while it runs).
-        `device="cpu"` runs the same hooks on a machine without accelerator (useful for tests)."""
+        `device="cpu"` runs the same hooks on a machine without accelerator (useful for tests). Called again without
+        arguments (as `load_lora_weights` does to re-arm the hooks), it keeps the device of the previous call."""
+        if gpu_id is None and device is None:
+            device = getattr(self, "_offload_device", None)
         if gpu_id is not None:
             check_device(gpu_id, "gpu_id")
         if device is not None:
@@ -34,7 +37,10 @@ class MagiOffloadingMixin:
 
     def enable_sequential_cpu_offload(self, gpu_id: Optional[int] = None, device: Union[torch.device, str, None] = None):
         r"""Diffusers' sequential offloading: every layer's weights stay on the CPU and move to the accelerator while
-        the layer runs. Needs an accelerator."""
+        the layer runs. Needs an accelerator. Called again without arguments (as `load_lora_weights` does), it keeps
+        the device of the previous call."""
+        if gpu_id is None and device is None:
+            device = getattr(self, "_offload_device", None)
         if gpu_id is not None:
             check_device(gpu_id, "gpu_id")
         if device is not None and check_device(device, "device").type == "cpu":
