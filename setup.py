@@ -30,12 +30,14 @@ setup(
         "console_scripts": [
             "magi-generate=diffusers_magi.cli:main",
             "magi-convert=diffusers_magi.conversion.cli:main",
+            "magi-train-lora=diffusers_magi.training.train_lora:main",
         ]
     },
     extras_require={
         # zstandard, sentencepiece, protobuf: the conversion tests read .zst shards and an original-style T5 tokenizer
         # nbclient/nbformat/ipykernel: the tests execute the example notebook
         # torchao: the quantization tests (a 3 MB wheel that leaves torch alone)
+        # peft: the LoRA and training tests
         "test": [
             "pytest>=8",
             "hypothesis>=6",
@@ -46,7 +48,11 @@ setup(
             "nbformat",
             "ipykernel",
             "torchao>=0.18",
+            "peft>=0.17",
         ],
+        # LoRA adapters (`load_lora_weights`) and `magi-train-lora`
+        "lora": ["peft>=0.17"],
+        "training": ["peft>=0.17"],
         # weight-only int8 / float8 quantisation of the transformer (`TorchAoConfig`)
         "torchao": ["torchao>=0.18"],
         # magi-convert: .zst-compressed original shards; the original T5 tokenizer (spiece.model)
