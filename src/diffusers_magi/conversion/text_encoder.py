@@ -15,7 +15,8 @@ from typing import Dict
 import torch
 from diffusers.utils import logging
 
-from .original_checkpoint import load_safetensors_folder
+from .original_checkpoint import SafetensorsWeights, TensorEntry, open_safetensors_folder
+from .streaming import ConversionSpec, load_component, plan_component
 
 logger = logging.get_logger(__name__)
 
@@ -33,7 +34,12 @@ def load_pickled_weights(path: str) -> Dict[str, torch.Tensor]:
             callable: loading it would execute code), or it is not a readable PyTorch file (e.g. truncated).
     """
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: data is read only when a tensor is used
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"Refusing to load {path}: it is a pickle that would import or call code beyond plain tensors, so only a "
@@ -48,50 +54,63 @@ def load_pickled_weights(path: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def load_t5_state_dict(t5_dir: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a T5 folder: safetensors (`model.safetensors[.index.json]`) if present, else PyTorch pickles
-    (`pytorch_model.bin[.index.json]`) loaded with `weights_only=True`."""
+class PickledWeights(SafetensorsWeights):
+    """The tensors of PyTorch pickle shards (`weights_only=True`), known by shape and dtype from memory-mapped loads
+    (no data is read for that); `read` yields a private copy of each tensor, one shard mapped at a time."""
+
+    def read(self, names=None):
+        wanted = set(self.entries if names is None else names)
+        by_file = {}
+        for name in wanted:
+            by_file.setdefault(self.entries[name].path, []).append(name)
+        for path in sorted(by_file):
+            state_dict = load_pickled_weights(path)
+            for name in sorted(by_file[path]):
+                yield name, state_dict.pop(name).clone()
+            del state_dict
+
+
+def _pickle_entries(path: str) -> Dict[str, TensorEntry]:
+    return {
+        name: TensorEntry(name, tuple(tensor.shape), tensor.dtype, path, 0, tensor.numel() * tensor.element_size())
+        for name, tensor in load_pickled_weights(path).items()
+    }
+
+
+def open_t5_weights(t5_dir: str) -> SafetensorsWeights:
+    """The tensors of a T5 folder, from the headers: safetensors (`model.safetensors[.index.json]`) if present, else
+    PyTorch pickles (`pytorch_model.bin[.index.json]`) loaded with `weights_only=True`."""
     if os.path.isfile(os.path.join(t5_dir, "model.safetensors")) or os.path.isfile(
         os.path.join(t5_dir, "model.safetensors.index.json")
     ):
-        return load_safetensors_folder(t5_dir)
+        return open_safetensors_folder(t5_dir)
     index_path = os.path.join(t5_dir, PICKLE_INDEX)
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as file:
             weight_map = json.load(file)["weight_map"]
-        state_dict = {}
+        entries = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(t5_dir, shard)
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"Shard {shard_path} listed in {index_path} is missing.")
-            tensors = load_pickled_weights(shard_path)
+            shard_entries = _pickle_entries(shard_path)
             expected = {name for name, file_name in weight_map.items() if file_name == shard}
-            if set(tensors) != expected:
-                raise ValueError(
-                    f"Shard {shard_path} does not hold the tensors {index_path} assigns to it (missing: "
-                    f"{sorted(expected - set(tensors))[:5]}, not listed: {sorted(set(tensors) - expected)[:5]})."
-                )
-            state_dict.update(tensors)
-        return state_dict
+            absent = sorted(expected - set(shard_entries))
+            if absent:
+                raise ValueError(f"Shard {shard_path} lacks tensor(s) {index_path} assigns to it: {absent[:5]}.")
+            entries.update({name: entry for name, entry in shard_entries.items() if name in expected})
+        return PickledWeights(t5_dir, entries)
     single_path = os.path.join(t5_dir, PICKLE_SINGLE)
     if os.path.isfile(single_path):
-        return load_pickled_weights(single_path)
+        return PickledWeights(t5_dir, _pickle_entries(single_path))
     raise FileNotFoundError(
         f"{t5_dir} holds no T5 weights (model.safetensors[.index.json] or {PICKLE_SINGLE}[.index.json])."
     )
 
 
-def load_original_text_encoder(t5_dir: str):
-    """T5 encoder and tokenizer of the original T5 folder.
-
-    The encoder is built from the folder's `config.json` (model type `t5`) and filled with its weights in their stored
-    dtype; decoder tensors of a full encoder-decoder checkpoint are dropped, any other unknown tensor, a missing
-    tensor or a wrong shape raises a `ValueError`. The tokenizer is read with `AutoTokenizer` (no remote code).
-
-    Returns:
-        `(T5EncoderModel, tokenizer)`, the encoder in eval mode.
-    """
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+def plan_original_text_encoder(t5_dir: str):
+    """`(meta T5EncoderModel, weights, spec, plan)` of the original T5 folder, from its config and weight headers."""
+    from transformers import T5Config, T5EncoderModel
 
     config_path = os.path.join(t5_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -99,31 +118,38 @@ def load_original_text_encoder(t5_dir: str):
     config = T5Config.from_json_file(config_path)
     if config.model_type != "t5":
         raise ValueError(f"{config_path} describes a {config.model_type!r} model, expected a T5 encoder.")
-    state_dict = load_t5_state_dict(t5_dir)
-    dropped = [name for name in state_dict if name.startswith(_DECODER_PREFIXES)]
-    if dropped:
-        logger.info("Dropping %d decoder tensors of the T5 checkpoint (only the encoder is used).", len(dropped))
-        state_dict = {name: tensor for name, tensor in state_dict.items() if not name.startswith(_DECODER_PREFIXES)}
-
+    weights = open_t5_weights(t5_dir)
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    expected = model.state_dict()
     tied = getattr(model, "_tied_weights_keys", None) or {}
-    unexpected = sorted(set(state_dict) - set(expected))
-    missing = sorted(set(expected) - set(state_dict) - set(tied))
-    if unexpected or missing:
-        raise ValueError(
-            f"The T5 weights of {t5_dir} do not match its config.json (missing: {missing[:5]}, unexpected: "
-            f"{unexpected[:5]})."
-        )
-    wrong = {name: tuple(t.shape) for name, t in state_dict.items() if t.shape != expected[name].shape}
-    if wrong:
-        raise ValueError(f"T5 tensors of {t5_dir} with shapes that do not match its config.json: {wrong}.")
-    model.load_state_dict({name: tensor.clone() for name, tensor in state_dict.items()}, strict=False, assign=True)
-    model.tie_weights()
-    meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-    if meta:
-        raise ValueError(f"The T5 weights of {t5_dir} lack {meta[:5]}.")
+    expected = model.state_dict()
+    spec = ConversionSpec(
+        rename=lambda name: name if name in expected else None,
+        ignored=lambda name: name.startswith(_DECODER_PREFIXES),
+        optional=frozenset(tied),
+    )
+    plan = plan_component("text_encoder", model, weights, spec)
+    if plan.ignored:
+        logger.info("Dropping %d decoder tensors of the T5 checkpoint (only the encoder is used).", len(plan.ignored))
+    return model, weights, spec, plan
+
+
+def load_original_text_encoder(t5_dir: str, device=None, device_map=None):
+    """T5 encoder and tokenizer of the original T5 folder.
+
+    The encoder is built on the meta device from the folder's `config.json` (model type `t5`) and filled one tensor at
+    a time with its weights in their stored dtype (each straight to `device` or its `device_map` entry); decoder
+    tensors of a full encoder-decoder checkpoint are dropped, other unknown tensors are skipped with a warning, a
+    missing tensor or a wrong shape raises a `ValueError` naming it. The tokenizer is read with `AutoTokenizer` (no
+    remote code).
+
+    Returns:
+        `(T5EncoderModel, tokenizer)`, the encoder in eval mode.
+    """
+    from transformers import AutoTokenizer
+
+    model, weights, spec, plan = plan_original_text_encoder(t5_dir)
+    model = load_component(model, weights, spec, plan, device=device, device_map=device_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(t5_dir)
     except (ImportError, ValueError) as error:
@@ -131,4 +157,4 @@ def load_original_text_encoder(t5_dir: str):
             f"Could not read the T5 tokenizer of {t5_dir}: {error}\nThe original ships it as spiece.model, which "
             'needs the `sentencepiece` and `protobuf` packages: pip install "diffusers-magi[convert]".'
         ) from error
-    return model.eval(), tokenizer
+    return model, tokenizer

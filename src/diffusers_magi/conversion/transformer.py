@@ -7,14 +7,15 @@ conversion time into a plain transformer of any float dtype (`dequantize_fp8=Tru
 
 import os
 import re
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..models.fp8_linear_magi import FP8_DTYPE, dequantize_fp8_weight
 from ..models.transformer_magi import FP8_BLOCK_LINEARS, MagiTransformer3DModel
-from .original_checkpoint import load_safetensors_folder, original_weight_folder, read_original_config
+from .original_checkpoint import open_safetensors_folder, original_weight_folder, read_original_config
+from .streaming import ConversionSpec, load_component, plan_component
 
 _DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
 
@@ -104,19 +105,26 @@ def transformer_config_from_original(original_config: dict) -> dict:
     }
 
 
+def rename_transformer_tensor(name: str) -> Optional[str]:
+    """Our name for the original DiT tensor `name`, or `None` for a name the model does not know."""
+    if name in _GLOBAL_KEY_MAP:
+        return _GLOBAL_KEY_MAP[name]
+    match = _LAYER_KEY_PATTERN.match(name)
+    if match and match.group(2) in _LAYER_KEY_MAP:
+        layer, module, kind = match.groups()
+        return f"blocks.{layer}.{_LAYER_KEY_MAP[module]}.{kind}"
+    return None
+
+
 def convert_transformer_state_dict(original: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename every tensor of an original DiT state dict; unknown names raise a `ValueError`."""
     converted, unknown = {}, []
     for name, tensor in original.items():
-        if name in _GLOBAL_KEY_MAP:
-            converted[_GLOBAL_KEY_MAP[name]] = tensor
-            continue
-        match = _LAYER_KEY_PATTERN.match(name)
-        if match and match.group(2) in _LAYER_KEY_MAP:
-            layer, module, kind = match.groups()
-            converted[f"blocks.{layer}.{_LAYER_KEY_MAP[module]}.{kind}"] = tensor
-        else:
+        renamed = rename_transformer_tensor(name)
+        if renamed is None:
             unknown.append(name)
+        else:
+            converted[renamed] = tensor
     if unknown:
         raise ValueError(f"Unexpected tensor(s) in the original checkpoint: {unknown[:10]} ({len(unknown)} in all).")
     return converted
@@ -148,42 +156,125 @@ def fp8_layers_from_original(original_config: dict) -> List[int]:
     return list(range(1, original_config["model_config"]["num_layers"] - 1))
 
 
-def convert_fp8_tensors(state_dict: Dict[str, torch.Tensor], fp8_layers: List[int]) -> Dict[str, torch.Tensor]:
-    """Bring the quantised linears of a renamed fp8 state dict into `MagiFp8Linear`'s layout: the `(1, N, K)`
-    float8_e4m3fn `weight` becomes the `(N, K)` uint8 `fp8_weight` (same bytes), `smooth_scale` `(1, K)` becomes
-    `(K,)`. Raises a `ValueError` naming the tensor when a quantised linear is not stored as float8."""
-    converted = dict(state_dict)
-    for layer in fp8_layers:
-        for path, per_channel in FP8_BLOCK_LINEARS:
-            prefix = f"blocks.{layer}.{path}"
-            weight = converted.pop(f"{prefix}.weight", None)
-            if weight is None:
-                continue  # reported as missing by the caller
-            if weight.dtype != FP8_DTYPE:
-                raise ValueError(
-                    f"{prefix}.weight is {weight.dtype}, but an fp8_quant checkpoint stores block {layer}'s quantised "
-                    f"linears as {FP8_DTYPE}; is engine_config.fp8_quant right for this checkpoint?"
-                )
-            converted[f"{prefix}.fp8_weight"] = weight.reshape(weight.shape[-2:]).view(torch.uint8)
-            if per_channel and f"{prefix}.smooth_scale" in converted:
-                converted[f"{prefix}.smooth_scale"] = converted[f"{prefix}.smooth_scale"].reshape(-1)
-    return converted
+_FP8_LINEARS = dict(FP8_BLOCK_LINEARS)
+_FP8_PART_PATTERN = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|fp8_weight|weight_scale|input_scale|smooth_scale)$")
 
 
-def dequantize_fp8_state_dict(state_dict: Dict[str, torch.Tensor], fp8_layers: List[int]) -> Dict[str, torch.Tensor]:
-    """Replace every `MagiFp8Linear` of a converted state dict by the float64 weight of an equivalent plain linear
-    (`dequantize_fp8_weight`); the caller casts it to the target dtype."""
-    dequantized = dict(state_dict)
-    for layer in fp8_layers:
-        for path, per_channel in FP8_BLOCK_LINEARS:
-            prefix = f"blocks.{layer}.{path}"
-            dequantized[f"{prefix}.weight"] = dequantize_fp8_weight(
-                dequantized.pop(f"{prefix}.fp8_weight"),
-                dequantized.pop(f"{prefix}.weight_scale"),
-                dequantized.pop(f"{prefix}.input_scale"),
-                dequantized.pop(f"{prefix}.smooth_scale") if per_channel else None,
+def _fp8_linear_of(name: str, fp8_layers: List[int]) -> Optional[Tuple[str, bool]]:
+    """`(prefix, per_channel)` when `name` is a tensor of a quantised linear, else `None`."""
+    match = _FP8_PART_PATTERN.match(name)
+    if match is None or int(match.group(1)) not in fp8_layers or match.group(2) not in _FP8_LINEARS:
+        return None
+    return f"blocks.{match.group(1)}.{match.group(2)}", _FP8_LINEARS[match.group(2)]
+
+
+def convert_fp8_tensor(name: str, tensor: torch.Tensor, fp8_layers: List[int]) -> Tuple[str, torch.Tensor]:
+    """One renamed tensor in `MagiFp8Linear`'s layout: a quantised linear's `(1, N, K)` float8_e4m3fn `weight`
+    becomes the `(N, K)` uint8 `fp8_weight` (same bytes), `smooth_scale` `(1, K)` becomes `(K,)`; others are unchanged.
+    Raises a `ValueError` naming the tensor when a quantised linear is not stored as float8. Works on meta tensors."""
+    linear = _fp8_linear_of(name, fp8_layers)
+    if linear is None:
+        return name, tensor
+    prefix, per_channel = linear
+    if name == f"{prefix}.weight":
+        if tensor.dtype != FP8_DTYPE:
+            layer = prefix.split(".")[1]
+            raise ValueError(
+                f"{prefix}.weight is {tensor.dtype}, but an fp8_quant checkpoint stores block {layer}'s quantised "
+                f"linears as {FP8_DTYPE}; is engine_config.fp8_quant right for this checkpoint?"
             )
-    return dequantized
+        return f"{prefix}.fp8_weight", tensor.reshape(tensor.shape[-2:]).view(torch.uint8)
+    if per_channel and name == f"{prefix}.smooth_scale":
+        return name, tensor.reshape(-1)
+    return name, tensor
+
+
+def _fp8_parts(prefix: str, per_channel: bool) -> frozenset:
+    parts = ["fp8_weight", "weight_scale", "input_scale"] + (["smooth_scale"] if per_channel else [])
+    return frozenset(f"{prefix}.{part}" for part in parts)
+
+
+def _dequantized(prefix: str, parts: Dict[str, torch.Tensor]) -> Tuple[str, torch.Tensor]:
+    """The float64 weight of the plain linear equivalent to the quantised linear `prefix` (the caller casts it)."""
+    return f"{prefix}.weight", dequantize_fp8_weight(
+        parts[f"{prefix}.fp8_weight"],
+        parts[f"{prefix}.weight_scale"],
+        parts[f"{prefix}.input_scale"],
+        parts.get(f"{prefix}.smooth_scale"),
+    )
+
+
+def transformer_conversion_spec(
+    fp8_layers: List[int],
+    dequantize_fp8: bool,
+    torch_dtype: torch.dtype,
+    keep_in_fp32_modules: List[str],
+    special_tokens: Optional[torch.Tensor] = None,
+) -> ConversionSpec:
+    """The `ConversionSpec` of an original DiT checkpoint: renaming, the fp8 layout (or its dequantisation) and the
+    dtypes the model holds (float8 stays float8, `_keep_in_fp32_modules` float32, the rest `torch_dtype`)."""
+    keep_in_fp32 = set(keep_in_fp32_modules)
+
+    def dtype_for(name: str, expected: torch.Tensor) -> torch.dtype:
+        if expected.dtype == torch.uint8:
+            return torch.uint8
+        return torch.float32 if keep_in_fp32.intersection(name.split(".")) else torch_dtype
+
+    def group_of(name: str) -> Optional[str]:
+        linear = _fp8_linear_of(name, fp8_layers)
+        return None if linear is None else linear[0]
+
+    spec = ConversionSpec(
+        rename=rename_transformer_tensor,
+        transform=lambda name, tensor: convert_fp8_tensor(name, tensor, fp8_layers),
+        dtype_for=dtype_for,
+        extra={} if special_tokens is None else {"caption_tokens.special_tokens": special_tokens},
+    )
+    if dequantize_fp8:
+        spec.group_of = group_of
+        spec.group_members = lambda prefix: _fp8_parts(prefix, _FP8_LINEARS[prefix.split(".", 2)[2]])
+        spec.combine = _dequantized
+    return spec
+
+
+def _transformer_model_config(original_config: dict, use_special_tokens: bool, dequantize_fp8: bool) -> dict:
+    fp8_layers = fp8_layers_from_original(original_config)
+    model_config = transformer_config_from_original(original_config)
+    model_config["use_special_tokens"] = use_special_tokens
+    model_config["fp8_layers"] = fp8_layers if fp8_layers and not dequantize_fp8 else None
+    return model_config
+
+
+def plan_original_transformer(
+    config: Union[str, os.PathLike, dict],
+    checkpoint_dir: Union[str, os.PathLike],
+    special_tokens_path: Optional[Union[str, os.PathLike]] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    dequantize_fp8: bool = False,
+):
+    """Everything `load_original_transformer` needs before reading a weight: `(meta model, weights, spec, plan)`,
+    from the config and the safetensors headers alone (see `streaming.plan_component`)."""
+    original_config = read_original_config(config)
+    if torch_dtype is None:
+        torch_dtype = params_dtype_from_original(original_config)
+    if torch_dtype not in _DTYPES.values():
+        raise TypeError(f"torch_dtype must be one of {list(_DTYPES.values())}, got {torch_dtype!r}.")
+    weights = open_safetensors_folder(
+        os.path.join(checkpoint_dir, original_weight_folder(original_config["engine_config"]))
+    )
+    special_tokens = load_special_tokens(special_tokens_path) if special_tokens_path is not None else None
+    with torch.device("meta"):
+        model = MagiTransformer3DModel(
+            **_transformer_model_config(original_config, special_tokens_path is not None, dequantize_fp8)
+        )
+    spec = transformer_conversion_spec(
+        fp8_layers_from_original(original_config),
+        dequantize_fp8,
+        torch_dtype,
+        model._keep_in_fp32_modules,
+        special_tokens,
+    )
+    return model, weights, spec, plan_component("transformer", model, weights, spec)
 
 
 def load_original_transformer(
@@ -192,8 +283,15 @@ def load_original_transformer(
     special_tokens_path: Optional[Union[str, os.PathLike]] = None,
     torch_dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    device_map: Optional[Union[str, dict]] = None,
+    max_memory: Optional[dict] = None,
 ) -> MagiTransformer3DModel:
     """Build a `MagiTransformer3DModel` from an original MAGI-1 config and checkpoint.
+
+    The weights are read one tensor at a time into a model built on the meta device, so the load needs about one copy
+    of the weights (in their final dtypes) plus the largest tensor; with `device` or `device_map` each tensor goes
+    straight to its device and host memory holds one tensor at a time.
 
     Args:
         config (`str`, `os.PathLike` or `dict`): original three-section config (`model_config`, `runtime_config`,
@@ -207,54 +305,17 @@ def load_original_transformer(
             float32 (`_keep_in_fp32_modules`); float8 weights stay float8.
         dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, turn every float8 linear into a plain linear
             of `torch_dtype` holding its dequantised weight, instead of keeping float8 weights and arithmetic.
+        device (`str` or `torch.device`, *optional*): where every weight goes (default CPU).
+        device_map (`str` or `dict`, *optional*): `{module prefix: device}` or an accelerate strategy (`"auto"`,
+            `"balanced"`, ...; with `max_memory`); a map over several devices dispatches the model with accelerate
+            hooks. Blocks are never split.
+        max_memory (`dict`, *optional*): per-device memory limits for a `device_map` strategy.
 
-    Every tensor must map onto the model and every model tensor must be present; anything else raises a `ValueError`.
+    Tensors of the checkpoint the model does not use are skipped with one warning listing them (as the original
+    loader, which loads with `strict=False`); a missing or mis-shaped tensor raises a `ValueError` naming it, before
+    any weight is read.
     """
-    original_config = read_original_config(config)
-    if torch_dtype is None:
-        torch_dtype = params_dtype_from_original(original_config)
-    if torch_dtype not in _DTYPES.values():
-        raise TypeError(f"torch_dtype must be one of {list(_DTYPES.values())}, got {torch_dtype!r}.")
-    fp8_layers = fp8_layers_from_original(original_config)
-    weight_folder = os.path.join(checkpoint_dir, original_weight_folder(original_config["engine_config"]))
-    state_dict = convert_transformer_state_dict(load_safetensors_folder(weight_folder))
-    state_dict = convert_fp8_tensors(state_dict, fp8_layers)
-    if dequantize_fp8:
-        state_dict = dequantize_fp8_state_dict(state_dict, fp8_layers)
-
-    model_config = transformer_config_from_original(original_config)
-    model_config["use_special_tokens"] = special_tokens_path is not None
-    model_config["fp8_layers"] = fp8_layers if fp8_layers and not dequantize_fp8 else None
-    if special_tokens_path is not None:
-        state_dict["caption_tokens.special_tokens"] = load_special_tokens(special_tokens_path)
-
-    with torch.device("meta"):
-        model = MagiTransformer3DModel(**model_config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    if missing:
-        raise ValueError(
-            f"The original checkpoint {weight_folder} lacks tensor(s) the model needs: {missing[:10]} ({len(missing)} "
-            "in all)."
-        )
-    unexpected = sorted(set(state_dict) - set(expected))
-    if unexpected:
-        raise ValueError(f"Unexpected tensor(s) in {weight_folder} for this config: {unexpected[:10]}.")
-    keep_in_fp32 = set(model._keep_in_fp32_modules)
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"Tensor {name} has shape {tuple(tensor.shape)} in the checkpoint {weight_folder} but the config "
-                f"implies {tuple(expected[name].shape)}."
-            )
-        if expected[name].dtype == torch.uint8:
-            dtype = torch.uint8
-        elif keep_in_fp32.intersection(name.split(".")):
-            dtype = torch.float32
-        else:
-            dtype = torch_dtype
-        # A fresh copy: tensors read from a file are views into it and may start at any 8-byte boundary; the CPU
-        # kernels' results can depend on that alignment, so every loader must hand the model freshly allocated tensors.
-        state_dict[name] = tensor.to(dtype, copy=True)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval()
+    model, weights, spec, plan = plan_original_transformer(
+        config, checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+    )
+    return load_component(model, weights, spec, plan, device=device, device_map=device_map, max_memory=max_memory)

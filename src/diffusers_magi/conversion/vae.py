@@ -10,11 +10,13 @@ checked: options this implementation does not reproduce and weights it does not 
 import json
 import re
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 
 from ..models.autoencoder_magi import AutoencoderMagi
-from .original_checkpoint import load_safetensors_file
+from .original_checkpoint import SafetensorsWeights, open_safetensors_file
+from .streaming import ComponentPlan, ConversionSpec, load_component, plan_component
 
 # ddconfig options that change the architecture, with the only value the converter accepts and why.
 _REQUIRED_OPTIONS = {
@@ -122,6 +124,14 @@ def convert_vae_config(original_config: dict) -> dict:
     }
 
 
+def rename_vae_tensor(key: str) -> Optional[str]:
+    """The `AutoencoderMagi` name of the original VAE weight `key`, or `None` for a key no rule knows."""
+    for pattern, replacement in _KEY_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
 def convert_vae_state_dict(original_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename every original VAE weight to its `AutoencoderMagi` name.
 
@@ -130,45 +140,53 @@ def convert_vae_state_dict(original_state_dict: dict[str, torch.Tensor]) -> dict
     """
     converted, unknown = {}, []
     for key, tensor in original_state_dict.items():
-        for pattern, replacement in _KEY_RULES:
-            if re.fullmatch(pattern, key):
-                converted[re.sub(pattern, replacement, key)] = tensor
-                break
-        else:
+        renamed = rename_vae_tensor(key)
+        if renamed is None:
             unknown.append(key)
+        else:
+            converted[renamed] = tensor
     if unknown:
         raise ValueError(f"unknown keys in the original VAE weights: {sorted(unknown)}.")
     return converted
 
 
-def load_original_vae(vae_dir: str | Path, torch_dtype: torch.dtype = torch.float32) -> AutoencoderMagi:
-    """Build an `AutoencoderMagi` from an original MAGI-1 VAE folder (``config.json`` + safetensors weights).
-
-    Args:
-        vae_dir: the original folder, e.g. ``ckpt/vae``.
-        torch_dtype: dtype of the returned model's parameters.
-
-    Returns:
-        The model in eval mode; save it with ``save_pretrained`` to get a Diffusers folder.
-
-    Raises:
-        ValueError: for an unsupported option, an unknown or missing weight, or a weight of the wrong shape.
-    """
+def plan_original_vae(
+    vae_dir: str | Path, torch_dtype: torch.dtype = torch.float32
+) -> Tuple[AutoencoderMagi, SafetensorsWeights, ConversionSpec, ComponentPlan]:
+    """`(meta model, weights, spec, plan)` of an original VAE folder, from its config and safetensors header alone."""
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(f"{vae_dir} has no config.json; is it the original VAE folder (ckpt/vae)?")
     with open(vae_dir / "config.json", encoding="utf-8") as f:
         config = convert_vae_config(json.load(f))
-    state_dict = convert_vae_state_dict(load_safetensors_file(vae_dir / "diffusion_pytorch_model.safetensors"))
-
+    weights = open_safetensors_file(vae_dir / "diffusion_pytorch_model.safetensors")
     with torch.device("meta"):
         model = AutoencoderMagi(**config)
-    expected = {name: param.shape for name, param in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    if missing:
-        raise ValueError(f"the original VAE weights lack {missing}.")
-    wrong = {k: (tuple(v.shape), tuple(expected[k])) for k, v in state_dict.items() if v.shape != expected[k]}
-    if wrong:
-        raise ValueError(f"weights with unexpected shapes (got, expected for this config): {wrong}.")
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    return model.eval()
+    spec = ConversionSpec(rename=rename_vae_tensor, dtype_for=lambda name, expected: torch_dtype)
+    return model, weights, spec, plan_component("vae", model, weights, spec)
+
+
+def load_original_vae(
+    vae_dir: str | Path,
+    torch_dtype: torch.dtype = torch.float32,
+    device: Optional[str | torch.device] = None,
+    device_map: Optional[str | dict] = None,
+) -> AutoencoderMagi:
+    """Build an `AutoencoderMagi` from an original MAGI-1 VAE folder (``config.json`` + safetensors weights), reading
+    the weights one tensor at a time into a model built on the meta device.
+
+    Args:
+        vae_dir: the original folder, e.g. ``ckpt/vae``.
+        torch_dtype: dtype of the returned model's parameters.
+        device: where the weights go (default CPU), each tensor straight from the file.
+        device_map: `{module prefix: device}` or an accelerate strategy, instead of `device`.
+
+    Returns:
+        The model in eval mode; save it with ``save_pretrained`` to get a Diffusers folder.
+
+    Raises:
+        ValueError: for an unsupported option, a missing weight, or a weight of the wrong shape (naming it). Weights
+            no rule knows are skipped with one warning listing them.
+    """
+    model, weights, spec, plan = plan_original_vae(vae_dir, torch_dtype)
+    return load_component(model, weights, spec, plan, device=device, device_map=device_map)

@@ -1,0 +1,51 @@
+"""Run in a fresh process by the loading tests and the loading benchmark: write a sparse full-width checkpoint of a
+released variant, load it with `load_original_transformer`, print one JSON line with the checkpoint size, the resident
+memory the load added at its peak (peak RSS after the load minus RSS before it) and the time taken."""
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import torch  # noqa: E402
+from sparse_checkpoints import write_sparse_checkpoint  # noqa: E402
+
+from diffusers_magi.conversion import load_original_transformer  # noqa: E402
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+def main(variant: str, num_layers: int, device: str) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        config, checkpoint_dir, size = write_sparse_checkpoint(variant, Path(root), num_layers=num_layers)
+        if device != "cpu":
+            torch.empty(1, device=device)  # the CUDA context is not part of the load
+        before = resident_bytes()
+        start = time.perf_counter()
+        model = load_original_transformer(config, checkpoint_dir, device=device)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        record = {
+            "variant": variant,
+            "num_layers": num_layers,
+            "device": device,
+            "checkpoint_bytes": size,
+            "added_peak_rss_bytes": peak - before,
+            "seconds": seconds,
+            "device_peak_bytes": torch.cuda.max_memory_allocated() if device != "cpu" else None,
+            "parameter_devices": sorted({str(tensor.device) for tensor in model.state_dict().values()}),
+        }
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
