@@ -1,4 +1,4 @@
-"""Run the recorded VAE / pre-processing cases of ``../shared/reference/vae`` through diffusers-magi.
+"""Run the recorded VAE / pre-processing cases of ``<reference>/vae`` (``reference_data.py``) through diffusers-magi.
 
 Each case folder holds ``case.json`` (the original call as pseudo-code, shapes, dtype, tolerances), and
 ``inputs.safetensors`` / ``outputs.safetensors`` or an asset file. The operation is recognised from the case's inputs

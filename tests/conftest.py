@@ -1,7 +1,9 @@
 """Shared test helpers.
 
-Parity tests read the reference data recorded from the original MAGI-1 code. It lives in ``../shared/reference``
-relative to the repository root; tests that need it skip with a clear message when the folder is absent.
+Parity tests read the reference data recorded from the original MAGI-1 code: the full set in ``../shared/reference``
+when it is beside the repository, otherwise the in-repository subset of ``tests/data/reference`` (see
+``tests/reference_data.py``). A parity test (one that uses the ``reference_dir`` fixture) never skips: a skip is
+reported as a failure.
 """
 
 from pathlib import Path
@@ -9,15 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = (REPO_ROOT / ".." / "shared" / "reference").resolve()
+from .reference_data import FULL_REFERENCE_DIR, REPO_ROOT, reference_root
+
+REFERENCE_DIR = reference_root()
+# True when the full reference set is used, False with the in-repository subset.
+FULL_REFERENCE = REFERENCE_DIR == FULL_REFERENCE_DIR
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"reference data folder {REFERENCE_DIR} is absent; parity tests need ../shared/reference")
     return REFERENCE_DIR
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped parity test fails: parity with the original must be proven on every run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and "reference_dir" in getattr(item, "fixturenames", ()):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"parity test {item.nodeid} was skipped ({reason}); parity tests must run on every machine"
 
 
 @pytest.fixture(autouse=True)

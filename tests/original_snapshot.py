@@ -23,11 +23,16 @@ from diffusers_magi.tiny_random import TINY_WORDS, tiny_text_encoder
 
 from .reference_cases import DIT_DIR
 
-# variant folder name -> reference checkpoint folder
+# variant folder name -> reference checkpoint folder, for the checkpoints the reference data holds (the in-repository
+# subset has no float32 distill checkpoint).
 VARIANTS = {
-    "tiny45_base": "tiny45_base",
-    "tiny45_distill": "tiny45_distill",
-    "tiny45_distill_quant": "tiny45_distill_fp8",
+    variant: folder
+    for variant, folder in {
+        "tiny45_base": "tiny45_base",
+        "tiny45_distill": "tiny45_distill",
+        "tiny45_distill_quant": "tiny45_distill_fp8",
+    }.items()
+    if (DIT_DIR / "checkpoints" / folder).is_dir()
 }
 SPECIAL_TOKENS = DIT_DIR / "e_sampler_t2v_base" / "special_tokens.npz"
 

@@ -1,4 +1,4 @@
-"""Reading the reference cases recorded from the original MAGI-1 code (`../shared/reference/dit/`).
+"""Reading the DiT reference cases recorded from the original MAGI-1 code (`<reference>/dit/`, `reference_data.py`).
 
 Tests discover cases by their `kind` in `case.json`, so any case folder of a known kind (including ones added later:
 other configs, other seeds, non-square latents) is checked by the same rules.
@@ -46,6 +46,12 @@ def is_fp8_case(description: dict) -> bool:
         return False
     config = json.loads((DIT_DIR / checkpoint["config"]).read_text())
     return bool(config["engine_config"].get("fp8_quant", False))
+
+
+def original_config(name: str) -> dict:
+    """The original three-section config of the checkpoint a case was recorded with."""
+    description = json.loads((DIT_DIR / name / "case.json").read_text())
+    return json.loads((DIT_DIR / description["checkpoint"]["config"]).read_text())
 
 
 @lru_cache(maxsize=None)

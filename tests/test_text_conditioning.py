@@ -1,6 +1,6 @@
 """Text conditioning against the original: prompt cleaning, special tokens per chunk, null captions.
 
-The cases of `../shared/reference/text/cases/` are discovered and checked exactly (atol 0)."""
+The cases of `<reference>/text/cases/` (the full set or the in-repository subset, `reference_data.py`) are discovered and checked exactly (atol 0)."""
 
 import json
 

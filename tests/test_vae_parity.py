@@ -1,6 +1,6 @@
 """Parity of AutoencoderMagi and the MAGI-1 pre/post-processing with the original code, case by case.
 
-Every case folder under ``../shared/reference/vae/cases`` is a test: the original checkpoint folder it names is
+Every case folder under ``<reference>/vae/cases`` (the full set or the in-repository subset) is a test: the original checkpoint folder it names is
 converted with ``load_original_vae`` (after checking the weights' sha256), the recorded operation is re-run with the
 recorded parameters, and every recorded output is compared:
 
