@@ -191,6 +191,7 @@ def test_overwrite_replaces_the_folder(reference_dir, tmp_path):
     checkpoint = checkpoint_with(tmp_path, reference_weights(VARIANT))
     output = tmp_path / "out" / "converted"
     output.mkdir(parents=True)
+    (output / "model_index.json").write_text('{"_class_name": "MagiPipeline"}')  # a previous conversion
     (output / "old.txt").write_text("old")
     code, _ = convert(tmp_path, checkpoint, "--overwrite")
     assert code == 0 and not (output / "old.txt").exists() and (output / "model_index.json").is_file()

@@ -11,16 +11,23 @@ one subfolder per component, safetensors sharded with an index above `max_shard_
   works without importing `diffusers_magi` first. The wrappers contain no implementation: the package must be
   installed.
 
-The folder appears complete or not at all: everything is written into a temporary sibling folder that is renamed into
-place at the end, and removed on any error.
+The folder appears complete or not at all: everything is written into a hidden sibling folder (`.<name>.partial-*`)
+that is renamed into place at the end, and removed on any error (a folder left by a killed run is removed by the next
+run into the same output). Nothing the user keeps is replaced: an output at, inside or around an input is refused,
+and `overwrite` replaces only an empty folder or a previous output (`model_index.json`), never a file.
 """
 
+import json
 import os
 import shutil
 import tempfile
-from typing import Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+from diffusers.utils import logging
 
 from ..pipelines.pipeline_magi import MagiPipeline
+
+logger = logging.get_logger(__name__)
 
 ROOT_WRAPPER = "pipeline_magi.py"
 _COMPONENT_CLASSES = {
@@ -54,41 +61,90 @@ def write_wrapper_files(folder: str) -> None:
                 file.write(_COMPONENT_WRAPPER.format(name=name))
 
 
-def check_output_folder(output_dir: Union[str, os.PathLike], overwrite: bool = False) -> str:
-    """The absolute output path; raises `FileExistsError` when it exists and is not an empty folder, unless
-    `overwrite`. Call it before a long conversion so that a bad path fails first."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_previous_output(folder: str) -> bool:
+    """Whether `folder` is a pipeline folder (a previous output of this converter): it holds a `model_index.json`
+    naming a pipeline class."""
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as file:
+            return isinstance(json.load(file).get("_class_name"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_folder(
+    output_dir: Union[str, os.PathLike], overwrite: bool = False, inputs: Iterable[Optional[Union[str, os.PathLike]]] = ()
+) -> str:
+    """The absolute output path, checked before a long conversion so that a bad path fails first and nothing the user
+    keeps is ever replaced.
+
+    Raises:
+        ValueError: `output_dir` is, lies inside, or contains one of `inputs` (the folders and files read).
+        FileExistsError: `output_dir` is a file, or a non-empty folder and not `overwrite`; or `overwrite` is set but
+            the folder is neither empty nor a previous output of this converter (no `model_index.json`).
+        PermissionError: the folder that would hold `output_dir` is not writable.
+    """
     output_dir = os.path.abspath(str(output_dir))
-    occupied = os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir))
+    real_output = os.path.realpath(output_dir)
+    for source in inputs:
+        if source is None or not os.path.exists(str(source)):
+            continue
+        real_source = os.path.realpath(str(source))
+        if _inside(real_output, real_source) or _inside(real_source, real_output):
+            relation = "is" if real_output == real_source else "lies inside" if _inside(real_output, real_source) else "contains"
+            raise ValueError(
+                f"The output folder {output_dir} {relation} the input {source}; writing there could destroy the "
+                "checkpoint being converted. Pick an output folder outside every input."
+            )
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"{output_dir} is a file, not a folder; the converter never replaces files.")
+    occupied = os.path.isdir(output_dir) and bool(os.listdir(output_dir))
     if occupied and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    if occupied and not is_previous_output(output_dir):
+        raise FileExistsError(
+            f"{output_dir} is not empty and is not a previous diffusers-magi output (it has no model_index.json); "
+            "--overwrite only replaces an empty folder or an earlier conversion. Empty it or pick another folder."
+        )
+    parent = os.path.dirname(output_dir)
+    existing = parent
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write into {existing} (to create {output_dir}): permission denied.")
     return output_dir
 
 
-def save_pipeline_folder(
-    pipe: MagiPipeline,
-    output_dir: Union[str, os.PathLike],
-    model_card_text: str,
-    max_shard_size: Union[int, str] = "5GB",
-    overwrite: bool = False,
-) -> str:
-    """Save `pipe` as a complete, Hub-ready folder at `output_dir` (see the module docstring); returns its path.
+def remove_leftovers(output_dir: str) -> List[str]:
+    """Remove the hidden `.<name>.partial-*` / `.<name>.previous-*` folders a killed run into `output_dir` left next
+    to it; returns what was removed."""
+    parent, name = os.path.split(output_dir)
+    removed = []
+    if os.path.isdir(parent):
+        for entry in os.listdir(parent):
+            if entry.startswith((f".{name}.partial-", f".{name}.previous-")) and os.path.isdir(os.path.join(parent, entry)):
+                shutil.rmtree(os.path.join(parent, entry))
+                removed.append(os.path.join(parent, entry))
+    if removed:
+        logger.warning(f"Removed {len(removed)} unfinished folder(s) of an earlier interrupted run: {removed}")
+    return removed
 
-    Args:
-        pipe (`MagiPipeline`): the pipeline to save.
-        output_dir (`str`): the folder to create.
-        model_card_text (`str`): contents of `README.md`.
-        max_shard_size (`int` or `str`, defaults to `"5GB"`): larger weights are split into shards with an index.
-        overwrite (`bool`, defaults to `False`): replace an existing non-empty `output_dir`.
-    """
-    output_dir = check_output_folder(output_dir, overwrite)
+
+def write_folder_atomically(
+    output_dir: Union[str, os.PathLike], write: Callable[[str], None], overwrite: bool = False, inputs: Iterable = ()
+) -> str:
+    """Run `write(folder)` into a hidden sibling folder of `output_dir`, then rename it into place (replacing a
+    previous output when `overwrite`); on any error the partial folder is removed and nothing else changes."""
+    output_dir = check_output_folder(output_dir, overwrite, inputs)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
+    remove_leftovers(output_dir)
     partial = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
     try:
-        pipe.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
-        write_wrapper_files(partial)
-        with open(os.path.join(partial, "README.md"), "w", encoding="utf-8") as file:
-            file.write(model_card_text)
+        write(partial)
         if os.path.lexists(output_dir):
             previous = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.previous-", dir=parent)
             os.replace(output_dir, os.path.join(previous, "folder"))
@@ -100,6 +156,49 @@ def save_pipeline_folder(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return output_dir
+
+
+def save_pipeline_folder(
+    pipe: MagiPipeline,
+    output_dir: Union[str, os.PathLike],
+    model_card_text: str,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    streamed_components: Optional[Dict[str, Callable[[str], None]]] = None,
+    inputs: Iterable = (),
+) -> str:
+    """Save `pipe` as a complete, Hub-ready folder at `output_dir` (see the module docstring); returns its path.
+
+    Args:
+        pipe (`MagiPipeline`): the pipeline to save.
+        output_dir (`str`): the folder to create.
+        model_card_text (`str`): contents of `README.md`.
+        max_shard_size (`int` or `str`, defaults to `"5GB"`): larger weights are split into shards with an index.
+        overwrite (`bool`, defaults to `False`): replace an existing output of this converter (see
+            `check_output_folder`).
+        streamed_components (`dict`, *optional*): component name -> function writing that component's subfolder,
+            for components held on the meta device whose weights are streamed from the original files
+            (`convert_original_to_diffusers`); the others are saved with their `save_pretrained`.
+        inputs: folders and files the conversion reads; an output at, inside or around one is refused.
+    """
+    streamed_components = streamed_components or {}
+
+    def write(folder: str) -> None:
+        if streamed_components:
+            pipe.save_config(folder)  # model_index.json
+            for name, component in pipe.components.items():
+                if name in streamed_components:
+                    os.makedirs(os.path.join(folder, name))
+                    streamed_components[name](os.path.join(folder, name))
+                elif component is not None:
+                    component.save_pretrained(os.path.join(folder, name))
+        else:
+            pipe.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+        write_wrapper_files(folder)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
+            file.write(model_card_text)
+
+    return write_folder_atomically(output_dir, write, overwrite, inputs)
 
 
 def push_folder_to_hub(

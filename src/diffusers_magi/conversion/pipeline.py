@@ -1,7 +1,7 @@
 """Original MAGI-1 config + checkpoint folders -> `MagiPipeline`."""
 
 import os
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -9,9 +9,11 @@ from ..pipelines.pipeline_magi import MagiPipeline
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .original_checkpoint import read_original_config
 from .original_layout import OriginalSources, download_original_snapshot, resolve_original_sources
-from .text_encoder import load_original_text_encoder
-from .transformer import load_original_transformer
-from .vae import load_original_vae
+from ..placement import DEVICE_MAP_STRATEGIES
+from .streaming import load_component
+from .text_encoder import load_original_tokenizer, plan_original_text_encoder
+from .transformer import plan_original_transformer
+from .vae import plan_original_vae
 
 
 def scheduler_from_original(original_config: dict) -> MagiChunkScheduler:
@@ -44,6 +46,26 @@ def pipeline_config_from_original(original_config: dict) -> dict:
     }
 
 
+def plan_original_components(
+    sources: OriginalSources,
+    special_tokens_path: Optional[Union[str, os.PathLike]],
+    torch_dtype: Optional[torch.dtype] = None,
+    dequantize_fp8: bool = False,
+) -> Dict[str, tuple]:
+    """Per component present (`"transformer"`, `"vae"`, `"text_encoder"`), the `(meta model, weights, spec, plan)` a
+    load or a conversion works from, read from the configs and weight headers only."""
+    components = {
+        "transformer": plan_original_transformer(
+            sources.config, sources.checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+        )
+    }
+    if sources.vae_dir is not None:
+        components["vae"] = plan_original_vae(sources.vae_dir, torch_dtype=torch_dtype or torch.float32)
+    if sources.t5_dir is not None:
+        components["text_encoder"] = plan_original_text_encoder(str(sources.t5_dir))
+    return components
+
+
 def convert_original_pipeline(
     config: Union[str, os.PathLike, dict],
     checkpoint_dir: Union[str, os.PathLike],
@@ -52,8 +74,14 @@ def convert_original_pipeline(
     t5_dir: Optional[Union[str, os.PathLike]] = None,
     torch_dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    device_map: Optional[Dict[str, Union[str, dict]]] = None,
 ) -> MagiPipeline:
     """Build a `MagiPipeline` from the original layout.
+
+    Every component is checked against its config from the weight headers first (a missing or mis-shaped tensor in
+    any of them fails before a weight is read), then filled one tensor at a time into a model built on the meta
+    device, each tensor going straight to its device.
 
     Args:
         config (`str`, `os.PathLike` or `dict`): original three-section config (JSON path or dict, e.g. a preset); its
@@ -68,21 +96,38 @@ def convert_original_pipeline(
             `params_dtype`, as the original runs). The VAE is float32 unless given; T5 keeps its stored dtype.
         dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, dequantise the float8 linears into plain
             `torch_dtype` linears instead of keeping the float8 arithmetic.
+        device (`str` or `torch.device`, *optional*): where every component's weights go (default CPU).
+        device_map (`dict`, *optional*): per component (`"transformer"`, `"vae"`, `"text_encoder"`), a device or a
+            `device_map` for that component (see `load_original_transformer`); instead of `device`.
     """
     original_config = read_original_config(config)
-    transformer = load_original_transformer(
-        original_config, checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+    sources = OriginalSources(
+        config=original_config,
+        checkpoint_dir=str(checkpoint_dir),
+        vae_dir=None if vae_dir is None else str(vae_dir),
+        t5_dir=None if t5_dir is None else str(t5_dir),
     )
-    vae = text_encoder = tokenizer = None
-    if vae_dir is not None:
-        vae = load_original_vae(vae_dir, torch_dtype=torch_dtype or torch.float32)
-    if t5_dir is not None:
-        text_encoder, tokenizer = load_original_text_encoder(str(t5_dir))
+    if device is not None and device_map is not None:
+        raise ValueError("Pass `device` or `device_map`, not both.")
+    unknown = sorted(set(device_map or {}) - {"transformer", "vae", "text_encoder"})
+    if unknown:
+        raise ValueError(f"device_map keys are components ('transformer', 'vae', 'text_encoder'), got {unknown}.")
+    components = plan_original_components(sources, special_tokens_path, torch_dtype, dequantize_fp8)
+    for _, _, _, plan in components.values():
+        plan.raise_for_errors()
+    loaded = {}
+    for name, (model, weights, spec, plan) in components.items():
+        placement = (device_map or {}).get(name)
+        if isinstance(placement, dict) or (isinstance(placement, str) and placement in DEVICE_MAP_STRATEGIES):
+            loaded[name] = load_component(model, weights, spec, plan, device_map=placement)
+        else:
+            loaded[name] = load_component(model, weights, spec, plan, device=placement if placement is not None else device)
+    tokenizer = load_original_tokenizer(str(t5_dir)) if t5_dir is not None else None
     return MagiPipeline(
-        transformer=transformer,
+        transformer=loaded["transformer"],
         scheduler=scheduler_from_original(original_config),
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=loaded.get("vae"),
+        text_encoder=loaded.get("text_encoder"),
         tokenizer=tokenizer,
         **pipeline_config_from_original(original_config),
     )
@@ -93,6 +138,8 @@ def pipeline_from_sources(
     special_tokens_path: Optional[Union[str, os.PathLike]],
     torch_dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    device_map: Optional[dict] = None,
 ) -> MagiPipeline:
     """`convert_original_pipeline` for resolved `OriginalSources`."""
     return convert_original_pipeline(
@@ -103,6 +150,8 @@ def pipeline_from_sources(
         t5_dir=sources.t5_dir,
         torch_dtype=torch_dtype,
         dequantize_fp8=dequantize_fp8,
+        device=device,
+        device_map=device_map,
     )
 
 
@@ -113,6 +162,8 @@ def load_original_pipeline(
     config: Optional[Union[str, os.PathLike, dict]] = None,
     torch_dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    device_map: Optional[dict] = None,
     **download_kwargs,
 ) -> MagiPipeline:
     """`MagiPipeline` straight from the original repository layout (a local folder or a Hub repository id such as
@@ -127,4 +178,6 @@ def load_original_pipeline(
     elif download_kwargs:
         raise TypeError(f"{sorted(download_kwargs)} only apply to Hub downloads; {path} is a local folder.")
     sources = resolve_original_sources(path, variant, config=config)
-    return pipeline_from_sources(sources, special_tokens, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8)
+    return pipeline_from_sources(
+        sources, special_tokens, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8, device=device, device_map=device_map
+    )

@@ -146,15 +146,19 @@ def load_original_text_encoder(t5_dir: str, device=None, device_map=None):
     Returns:
         `(T5EncoderModel, tokenizer)`, the encoder in eval mode.
     """
-    from transformers import AutoTokenizer
-
     model, weights, spec, plan = plan_original_text_encoder(t5_dir)
     model = load_component(model, weights, spec, plan, device=device, device_map=device_map)
+    return model, load_original_tokenizer(t5_dir)
+
+
+def load_original_tokenizer(t5_dir: str):
+    """The T5 tokenizer of the original T5 folder, read with `AutoTokenizer` (no remote code)."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+        return AutoTokenizer.from_pretrained(t5_dir)
     except (ImportError, ValueError) as error:
         raise ValueError(
             f"Could not read the T5 tokenizer of {t5_dir}: {error}\nThe original ships it as spiece.model, which "
             'needs the `sentencepiece` and `protobuf` packages: pip install "diffusers-magi[convert]".'
         ) from error
-    return model, tokenizer
