@@ -258,8 +258,7 @@ class MagiChunkwiseFlowMatching:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
 
         clean = latents.float()
-        t = timesteps.to(latents.device).repeat_interleave(self.chunk_width, dim=1)[:, None, :, None, None]
-        noisy = t * clean + (1 - t) * noise
+        noisy = self.add_noise(clean, noise, timesteps.to(latents.device))
         finished = (positions >= 1).to(latents.device).repeat_interleave(self.chunk_width, dim=1)[:, None, :, None, None]
         noisy = torch.where(finished, clean, noisy)  # clean chunks are given exactly, as the KV cache holds them
         return MagiTrainingBatch(
@@ -274,6 +273,12 @@ class MagiChunkwiseFlowMatching:
             noise=noise,
             positions=positions,
         )
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """`t * clean + (1 - t) * noise` chunk by chunk; `clean`, `noise` `(batch, C, num_chunks * chunk_width, H, W)`,
+        `timesteps` `(batch, num_chunks)`."""
+        t = timesteps.repeat_interleave(self.chunk_width, dim=1)[:, None, :, None, None]
+        return t * clean + (1 - t) * noise
 
     def loss(self, prediction: torch.Tensor, batch: MagiTrainingBatch) -> MagiTrainingLoss:
         """Velocity MSE per chunk, averaged over the loss chunks of the batch (float32)."""

@@ -1,0 +1,331 @@
+"""The chunk-wise flow-matching objective (tied to the sampler) and the `magi-train-lora` command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusers_magi import MagiChunkScheduler
+from diffusers_magi.pipelines.text_conditioning_magi import chunk_caption_rows, negative_caption_rows
+from diffusers_magi.training import MagiChunkwiseFlowMatching, find_clips, time_transform
+from diffusers_magi.training.train_lora import main
+
+from .tiny_models import tiny_pipeline, tiny_transformer
+from .training_clips import write_moving_squares
+
+
+def _latents(batch=3, chunks=4, seed=0):
+    return torch.randn(batch, 16, chunks * 6, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Objective
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("time_schedule", ["sd3", "square", "piecewise", "identity"])
+@pytest.mark.parametrize("steps", [8, 16, 64])
+def test_time_transform_is_the_schedulers_grid(time_schedule, steps):
+    """A chunk at position `k / steps` of its path has exactly the time of grid point `k` of the sampler."""
+    scheduler = MagiChunkScheduler(time_schedule=time_schedule, shift=3.0)
+    positions = torch.linspace(0, 1, steps + 1)
+    assert torch.equal(time_transform(positions, time_schedule, 3.0), scheduler.time_grid_for(steps))
+
+
+@pytest.mark.parametrize("chunk_times", ["trajectory", "sorted"])
+@pytest.mark.parametrize("time_distribution", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("num_prefix_chunks", [0, 1])
+def test_chunk_noise_levels_are_monotone(chunk_times, time_distribution, num_prefix_chunks):
+    objective = MagiChunkwiseFlowMatching(chunk_times=chunk_times, time_distribution=time_distribution)
+    batch = objective.prepare(_latents(batch=256, chunks=5), num_prefix_chunks, torch.Generator().manual_seed(0))
+    t = batch.timesteps
+    assert (t[:, 1:] <= t[:, :-1]).all()  # earlier chunks are at least as clean
+    assert ((t >= 0) & (t <= objective.clean_t)).all()
+    assert batch.loss_mask.any(dim=1).all()  # every clip has a loss chunk
+    assert not batch.loss_mask[:, :num_prefix_chunks].any()
+    assert (t[:, :num_prefix_chunks] == objective.clean_t).all()
+    if chunk_times == "trajectory":
+        # the three kinds of chunks the sampler has: finished (clean), in flight, not yet in the window (noise)
+        finished, waiting = batch.positions >= 1, batch.positions < 0
+        assert (t[finished] == objective.clean_t).all() and (t[waiting] == 0).all()
+        assert finished[:, num_prefix_chunks:].any() and waiting.any() and (~batch.loss_mask[:, num_prefix_chunks:]).any()
+        assert torch.equal(batch.loss_mask, ~finished & ~waiting)
+        assert (batch.loss_mask.sum(dim=1) <= objective.window_size).all()
+    else:
+        assert batch.loss_mask[:, num_prefix_chunks:].all()
+
+
+def test_in_flight_times_have_the_distribution_of_the_sampler_grid():
+    """Uniform trajectory points give each in-flight chunk a uniform position along its path, so its time is
+    distributed as the sampler's grid points (a coarse histogram check on the position)."""
+    objective = MagiChunkwiseFlowMatching()
+    batch = objective.prepare(_latents(batch=4000, chunks=3), generator=torch.Generator().manual_seed(1))
+    positions = batch.positions[batch.loss_mask]
+    histogram = torch.histc(positions, bins=4, min=0, max=1) / positions.numel()
+    torch.testing.assert_close(histogram, torch.full((4,), 0.25), atol=0.03, rtol=0)
+
+
+class _Oracle(torch.nn.Module):
+    """A "model" that returns the exact flow-matching velocity `(x0 - x) / (1 - t)` of every chunk it is given,
+    knowing the clean latents of each clip (it recognises a clip by its noised latents in `prepared`)."""
+
+    def __init__(self, clean, prepared, transformer):
+        super().__init__()
+        self.clean, self.prepared = clean, prepared
+        self.caption_tokens, self.config = transformer.caption_tokens, transformer.config
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, **kwargs):
+        rows = [next(r for r, x in enumerate(self.prepared.noisy_latents) if torch.equal(x, h)) for h in hidden_states]
+        t = timestep.repeat_interleave(6, dim=1)[:, None, :, None, None]
+        return ((self.clean[rows] - hidden_states) / (1 - t),)
+
+
+def test_oracle_velocity_gives_zero_loss_and_one_euler_step_lands_on_the_clean_latents():
+    torch.manual_seed(0)
+    objective = MagiChunkwiseFlowMatching(caption_dropout=0.3, unconditional_dropout=0.2)
+    transformer = tiny_transformer()
+    clean = _latents(batch=6, chunks=4)
+    embeds, mask = torch.randn(6, 40, 32), torch.ones(6, 40, dtype=torch.int64)
+    oracle = _Oracle(clean, objective.prepare(clean, generator=torch.Generator().manual_seed(3)), transformer)
+    result = objective(oracle, clean, embeds, mask, generator=torch.Generator().manual_seed(3))
+    batch = result.batch
+    assert result.loss.item() < 1e-10
+    assert objective.loss(batch.target, batch).loss.item() == 0.0
+    assert torch.equal(batch.target, clean - batch.noise)
+
+    # One Euler step of the sampler (the end of its time grid, `step`'s update `x + v * (t_next - t)`) from each noised
+    # chunk with the oracle velocity lands on the clean chunk.
+    end = MagiChunkScheduler().time_grid_for(8)[-1]  # 1 (clean), up to float32 rounding of the shift
+    t = batch.timesteps.repeat_interleave(6, dim=1)[:, None, :, None, None]
+    landed = batch.noisy_latents + batch.target * (end - t)
+    in_flight = batch.loss_mask.repeat_interleave(6, dim=1)[:, None, :, None, None].expand_as(clean)
+    torch.testing.assert_close(landed[in_flight], clean[in_flight], rtol=1e-5, atol=1e-5)
+    # finished chunks are given clean, as the KV cache holds them
+    finished = (batch.positions >= 1).repeat_interleave(6, dim=1)[:, None, :, None, None].expand_as(clean)
+    assert torch.equal(batch.noisy_latents[finished], clean[finished])
+
+
+def test_scheduler_step_with_the_target_velocity_finishes_a_chunk_noised_by_the_objective():
+    """`MagiChunkScheduler.step` itself: in the call of a real plan where a chunk takes its last step, chunks noised
+    with the objective's formula at the call's times, moved with the objective's target velocity, end exactly clean
+    (the finished one) or at their next grid time (the others)."""
+    scheduler = MagiChunkScheduler()
+    scheduler.set_timesteps(8, num_chunks=3)
+    objective = MagiChunkwiseFlowMatching.from_scheduler(scheduler)
+    grid = scheduler.time_grid_for(8)
+    call = next(call for call in scheduler.plan if call.finished_chunk is not None and len(call.time_indices) > 1)
+    chunks = len(call.time_indices)
+    clean, noise = _latents(batch=2, chunks=chunks), torch.randn(2, 16, chunks * 6, 4, 4)
+    times = grid[list(call.time_indices)].expand(2, -1)
+    stepped = scheduler.step(clean - noise, call, objective.add_noise(clean, noise, times)).prev_sample
+    next_times = grid[[index + 1 for index in call.time_indices]].expand(2, -1)
+    torch.testing.assert_close(stepped, objective.add_noise(clean, noise, next_times), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stepped[:, :, :6], clean[:, :, :6], rtol=1e-5, atol=1e-5)  # the finished chunk
+
+
+def test_attention_follows_the_samplers_reach_rules():
+    """For every call of a real sampler plan, the chunk positions of that call give the attention ranges the
+    scheduler planned (noise bands and the clean re-run)."""
+    scheduler = MagiChunkScheduler()
+    steps = 16
+    scheduler.set_timesteps(steps, num_chunks=7)
+    objective = MagiChunkwiseFlowMatching.from_scheduler(scheduler)
+    for call in scheduler.plan:
+        positions = torch.full((call.first_chunk + call.num_chunks,), 2.0)  # chunks before the call: finished
+        positions[call.first_chunk + call.num_clean_chunks :] = torch.tensor(call.time_indices, dtype=torch.float32) / steps
+        starts = objective.attention_starts(positions)
+        assert starts[call.first_chunk :] == call.attention_starts, call
+
+
+def test_one_transformer_call_per_attention_layout_with_per_chunk_timesteps_and_captions():
+    transformer = tiny_transformer()
+    objective = MagiChunkwiseFlowMatching(caption_dropout=0.0, unconditional_dropout=0.5)
+    calls = []
+
+    def model(hidden_states, timestep, embeds, mask, **kwargs):
+        calls.append(dict(batch=hidden_states.shape[0], timestep=timestep, embeds=embeds, mask=mask, **kwargs))
+        return transformer(hidden_states, timestep, embeds, mask, **kwargs)
+
+    model.caption_tokens, model.config = transformer.caption_tokens, transformer.config
+    embeds, mask = torch.randn(8, 40, 32), torch.ones(8, 40, dtype=torch.int64)
+    mask[:, 30:] = 0
+    result = objective(model, _latents(batch=8, chunks=2), embeds, mask, generator=torch.Generator().manual_seed(0))
+    batch = result.batch
+    assert len(calls) == len(set(batch.attention_chunk_starts)) <= 8 and sum(call["batch"] for call in calls) == 8
+    for call in calls:
+        assert call["timestep"].shape[1] == 2 and call["embeds"].shape[1] == 2  # per-chunk times and captions
+    unconditional = [starts == (0, 1) for starts in batch.attention_chunk_starts]
+    assert any(unconditional) and not all(unconditional)
+    assert all(batch.caption_dropped[row] for row, alone in enumerate(unconditional) if alone)
+    assert torch.isfinite(result.loss) and result.loss > 0
+
+    # Caption rows: the pipelines' special tokens on generated chunks, the null caption on clean / dropped rows.
+    learned = transformer.caption_tokens()
+    rows, row_masks = objective.caption_rows(learned, embeds, mask, batch)
+    expected, expected_mask = chunk_caption_rows(learned, embeds[:, None].expand(-1, 2, -1, -1), mask[:, None].expand(-1, 2, -1), ("hq", "duration"))
+    negative, negative_mask = negative_caption_rows(learned, 8)
+    for row in range(8):
+        for chunk in range(2):
+            uses_negative = bool(batch.caption_dropped[row]) or bool(batch.positions[row, chunk] >= 1)
+            want = (negative[row], negative_mask[row]) if uses_negative else (expected[row, chunk], expected_mask[row, chunk])
+            assert torch.equal(rows[row, chunk], want[0]) and torch.equal(row_masks[row, chunk].float(), want[1].float())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from peft import LoraConfig
+
+    def gradients(checkpointing):
+        transformer = tiny_transformer()
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=4, init_lora_weights=False, target_modules=["to_q", "to_v", "linear_in", "linear_out"]))  # A and B random: every gradient non-zero
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        loss = MagiChunkwiseFlowMatching()(
+            transformer, _latents(batch=2, chunks=3), torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1)),
+            torch.ones(2, 40, dtype=torch.int64), generator=torch.Generator().manual_seed(2),
+        ).loss
+        loss.backward()
+        return {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 16
+    for name in plain:
+        assert plain[name].abs().sum() > 0
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_times="random"), "chunk_times must be one of"),
+        (dict(time_distribution="beta"), "time_distribution must be one of"),
+        (dict(caption_dropout=1.5), "caption_dropout must be a probability"),
+        (dict(caption_dropout=0.6, unconditional_dropout=0.6), "must not exceed 1"),
+    ],
+)
+def test_objective_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MagiChunkwiseFlowMatching(**kwargs)
+
+
+def test_prepare_checks_its_inputs():
+    objective = MagiChunkwiseFlowMatching()
+    with pytest.raises(ValueError, match="multiple of chunk_width"):
+        objective.prepare(torch.zeros(1, 16, 7, 4, 4))
+    with pytest.raises(ValueError, match="num_prefix_chunks must be in"):
+        objective.prepare(torch.zeros(1, 16, 12, 4, 4), num_prefix_chunks=2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data folder
+# --------------------------------------------------------------------------------------------------------------------
+def test_data_folder_layouts(tmp_path):
+    write_moving_squares(tmp_path / "pairs", num_frames=24, size=32)
+    clips = find_clips(tmp_path / "pairs")
+    assert [(clip.video.name, clip.caption) for clip in clips] == [("clip0.mp4", "a red square moves right"), ("clip1.mp4", "a blue square moves down")]
+    folder = write_moving_squares(tmp_path / "jsonl", num_frames=24, size=32, captions=False)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "clip1.mp4", "text": "blue"}) + "\n")
+    assert [(clip.video.name, clip.caption) for clip in find_clips(folder)] == [("clip1.mp4", "blue")]
+    (folder / "metadata.jsonl").write_text('{"file": "clip1.mp4"}\n')
+    with pytest.raises(ValueError, match="line 1 must be a JSON object with 'file_name' and 'text'"):
+        find_clips(folder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# magi-train-lora
+# --------------------------------------------------------------------------------------------------------------------
+BASE_ARGS = ["--model", "tiny-random", "--num-frames", "48", "--seed", "0"]
+
+
+def _bad_input(tmp_path, capsys, data, *extra):
+    if "--height" not in extra and "--resolution" not in extra:
+        extra = ("--resolution", "64", *extra)
+    code = main([*BASE_ARGS, "--data", str(data), "--output", str(tmp_path / "out"), *extra])
+    assert code == 2
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()  # no training step ran
+    return capsys.readouterr().err
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "holds no training clip" in _bad_input(tmp_path, capsys, tmp_path / "empty")
+
+
+def test_video_without_caption(tmp_path, capsys):
+    data = write_moving_squares(tmp_path / "data", num_frames=24, size=32)
+    (data / "clip1.txt").unlink()
+    err = _bad_input(tmp_path, capsys, data)
+    assert "clip1.mp4' has no caption" in err and "clip1.txt" in err
+
+
+def test_clip_shorter_than_one_chunk(tmp_path, capsys):
+    data = write_moving_squares(tmp_path / "data", num_frames=12, size=32)
+    err = _bad_input(tmp_path, capsys, data, "--num-frames", "24")
+    assert "clip0.mp4' has about 12 frames" in err and "one chunk is 24 frames" in err
+
+
+def test_resolution_not_a_multiple_of_16(tmp_path, capsys):
+    data = write_moving_squares(tmp_path / "data", num_frames=24, size=32)
+    assert "--resolution must be a positive multiple of 16 (VAE 8x, patch 2x), got 72" in _bad_input(tmp_path, capsys, data, "--resolution", "72")
+    assert "--width must be a positive multiple of 16 (VAE 8x, patch 2x), got 100" in _bad_input(tmp_path, capsys, data, "--height", "64", "--width", "100")
+    assert "either --resolution or --height/--width" in _bad_input(tmp_path, capsys, data, "--resolution", "64", "--width", "64")
+
+
+def test_num_frames_not_whole_chunks(tmp_path, capsys):
+    data = write_moving_squares(tmp_path / "data", num_frames=24, size=32)
+    assert "--num-frames must be a positive multiple of 24" in _bad_input(tmp_path, capsys, data, "--num-frames", "30")
+
+
+def test_target_module_that_does_not_exist(tmp_path, capsys):
+    data = write_moving_squares(tmp_path / "data", num_frames=48, size=64)
+    err = _bad_input(tmp_path, capsys, data, "--target-modules", "to_q,to_qkv")
+    assert "--target-modules: 'to_qkv' names no module of the transformer" in err and "'to_q'" in err
+
+
+def test_console_script_is_registered():
+    from importlib.metadata import entry_points
+
+    (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "magi-train-lora"]
+    assert script.load() is main
+
+
+def _losses(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_lora_end_to_end_resume_and_load(tmp_path):
+    """40 steps on two moving-square clips (64x64, two chunks each) with the console script: the loss falls, the
+    LoRA loads into a pipeline and changes its output, and resuming from the step-20 checkpoint continues the step
+    count with the loss sequence of the uninterrupted run."""
+    data = write_moving_squares(tmp_path / "data")
+    common = [
+        *BASE_ARGS, "--resolution", "64", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "40",
+        "--learning-rate", "1e-2", "--rank", "16", "--checkpointing-steps", "20",
+        "--target-modules", "patch_embedding,to_q,to_k,to_v,to_out,linear_in,linear_out,proj_out",
+    ]
+    run = subprocess.run([sys.executable, "-m", "diffusers_magi.training.train_lora", *common, "--output", str(tmp_path / "full"), "--validation-prompt", "a red square"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = _losses(tmp_path / "full")
+    assert [entry["step"] for entry in log] == list(range(1, 41))
+    losses = [entry["loss"] for entry in log]
+    assert all(map(lambda loss: loss == loss and abs(loss) < float("inf"), losses))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert (tmp_path / "full" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "full" / "validation").iterdir()) == ["step-000020.mp4", "step-000040.mp4"]
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "diffusers_magi.training.train_lora", *common, "--output", str(tmp_path / "resumed"),
+         "--resume-from-checkpoint", str(tmp_path / "full" / "checkpoint-20")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(tmp_path / "resumed") == log[20:]
+
+    kwargs = dict(prompt="a red square", num_frames=48, height=64, width=64, output_type="latent")
+    pipe = tiny_pipeline()
+    base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe.load_lora_weights(tmp_path / "full")
+    adapted = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert (adapted - base).abs().max() > 1e-3
