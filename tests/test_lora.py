@@ -315,3 +315,26 @@ def test_lora_in_bfloat16(tmp_path, lora_file):
     fresh = bf16_pipeline()
     fresh.load_lora_weights(tmp_path / "lora")
     assert torch.equal(_run(fresh), adapted)
+
+
+def test_load_lora_weights_from_a_hub_id(lora_file, adapted_reference):
+    """A Hub id is resolved like Diffusers resolves any LoRA repository (the Hub calls answered from a local folder,
+    no network)."""
+    import types
+    from unittest import mock
+
+    from diffusers.loaders import lora_base
+    from diffusers.utils import hub_utils
+
+    def model_info(repo_id, *args, **kwargs):
+        assert repo_id == "magi-test/lora"
+        return types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=path.name) for path in lora_file.iterdir()])
+
+    def hf_hub_download(repo_id, filename, *args, subfolder=None, **kwargs):
+        assert repo_id == "magi-test/lora" and subfolder is None
+        return str(lora_file / filename)
+
+    pipe = tiny_pipeline()
+    with mock.patch.object(lora_base, "model_info", model_info), mock.patch.object(hub_utils, "hf_hub_download", hf_hub_download):
+        pipe.load_lora_weights("magi-test/lora", adapter_name="from_hub")
+    assert torch.equal(_run(pipe), adapted_reference)

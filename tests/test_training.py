@@ -1,5 +1,6 @@
 """The chunk-wise flow-matching objective (tied to the sampler) and the `magi-train-lora` command."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -281,6 +282,12 @@ def test_target_module_that_does_not_exist(tmp_path, capsys):
     data = write_moving_squares(tmp_path / "data", num_frames=48, size=64)
     err = _bad_input(tmp_path, capsys, data, "--target-modules", "to_q,to_qkv")
     assert "--target-modules: 'to_qkv' names no module of the transformer" in err and "'to_q'" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="checks the error without bitsandbytes")
+def test_8bit_adam_without_bitsandbytes(tmp_path, capsys):
+    data = write_moving_squares(tmp_path / "data", num_frames=48, size=64)
+    assert "--use-8bit-adam needs bitsandbytes" in _bad_input(tmp_path, capsys, data, "--use-8bit-adam")
 
 
 def test_console_script_is_registered():
