@@ -15,7 +15,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_manifests"
 VARIANTS = ("4.5B_base", "4.5B_distill", "4.5B_distill_quant", "24B_base", "24B_distill", "24B_distill_quant")
@@ -67,9 +67,12 @@ def _write_sparse_file(path: Path, tensors: Dict[str, Tuple[List[int], str]]) ->
     return 8 + len(raw) + offset
 
 
-def write_sparse_checkpoint(variant: str, root: Path, num_layers: int = 3) -> Tuple[dict, Path, int]:
+def write_sparse_checkpoint(
+    variant: str, root: Path, num_layers: int = 3, edit: Optional[Callable[[dict], None]] = None
+) -> Tuple[dict, Path, int]:
     """Write `<root>/<variant>/<weight folder>/` as released (shards + index, or one file), sparse, with
-    `num_layers` blocks at the real width.
+    `num_layers` blocks at the real width. `edit`, if given, changes the `{name: (shape, dtype)}` table in place first
+    (to imitate a broken release).
 
     Returns:
         `(original config with num_layers set, checkpoint folder holding the weight folder, total bytes of the files)`.
@@ -83,6 +86,8 @@ def write_sparse_checkpoint(variant: str, root: Path, num_layers: int = 3) -> Tu
     folder = checkpoint_dir / manifest["weight_folder"]
     folder.mkdir(parents=True, exist_ok=True)
     tensors = kept_tensors(manifest, num_layers)
+    if edit is not None:
+        edit(tensors)
     num_shards = RELEASED_SHARDS[variant]
     total = 0
     if num_shards == 1:

@@ -3,6 +3,7 @@ Hub-ready Diffusers folders (`magi-convert`)."""
 
 from .convert import convert_original_to_diffusers
 from .hub_folder import push_folder_to_hub, save_pipeline_folder
+from .inspect import OriginalInspection, inspect_original
 from .original_layout import OriginalSources, download_original_snapshot, resolve_original_sources
 from .pipeline import convert_original_pipeline, load_original_pipeline
 from .presets import PRESETS, preset
@@ -12,10 +13,12 @@ from .vae import load_original_vae
 
 __all__ = [
     "PRESETS",
+    "OriginalInspection",
     "OriginalSources",
     "convert_original_pipeline",
     "convert_original_to_diffusers",
     "download_original_snapshot",
+    "inspect_original",
     "load_original_pipeline",
     "load_original_text_encoder",
     "load_original_transformer",
