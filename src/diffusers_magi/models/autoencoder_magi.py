@@ -23,6 +23,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from .loading_checks_magi import check_config_types, checked_from_pretrained
 from .weight_alignment import own_cpu_weights
 
 # The original encodes a single image by repeating it to four frames (a literal 4, not the temporal patch size) and
@@ -380,8 +381,16 @@ class AutoencoderMagi(ModelMixin, AutoencoderMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`ModelMixin.from_pretrained`, then every CPU weight gets 64-byte aligned memory of its own
-        (`weight_alignment.own_cpu_weights`), so that results do not depend on where the loader put the weights."""
-        return own_cpu_weights(super().from_pretrained(*args, **kwargs))
+        (`weight_alignment.own_cpu_weights`), so that results do not depend on where the loader put the weights. A
+        tensor the weight files lack is an error naming it (`loading_checks_magi.checked_from_pretrained`)."""
+        model = checked_from_pretrained(cls, super().from_pretrained, *args, **kwargs)
+        return own_cpu_weights(model) if not isinstance(model, tuple) else (own_cpu_weights(model[0]), model[1])
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """`ConfigMixin.from_config`, with a `TypeError` naming any config field of the wrong type."""
+        check_config_types(cls, config if isinstance(config, dict) else {}, kwargs)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def enable_tiling(
         self,

@@ -31,6 +31,7 @@ from .attention_magi import ChunkAttentionLayout, MagiAttention, MagiLayerNorm
 from .context_parallel_magi import check_context_parallel_config, context_parallel_config, sequence_shards
 from .fp8_linear_magi import MagiFp8Linear
 from .kv_cache_magi import MagiKVCache
+from .loading_checks_magi import check_config_types, checked_from_pretrained
 from .weight_alignment import own_cpu_weights
 
 # Learned special tokens of MAGI-1 (rows of the original `special_tokens.npz`), prepended to captions by the
@@ -498,10 +499,18 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         r"""Diffusers' `ModelMixin.from_pretrained`, with a clear error when `device_map` or `max_memory` name devices
         this machine does not have. Blocks are never split across devices (`_no_split_modules`), so
         `device_map="auto"` with `max_memory` spreads whole blocks over GPUs, the CPU and disk (`offload_folder`).
+        A tensor the weight files lack is an error naming it (`loading_checks_magi.checked_from_pretrained`).
         Weights left on the CPU get 64-byte aligned memory of their own (`weight_alignment.own_cpu_weights`), so that
         results do not depend on where the loader put them."""
         check_device_map(kwargs.get("device_map"), kwargs.get("max_memory"))
-        return own_cpu_weights(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
+        model = checked_from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+        return own_cpu_weights(model) if not isinstance(model, tuple) else (own_cpu_weights(model[0]), model[1])
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        r"""`ConfigMixin.from_config`, with a `TypeError` naming any config field of the wrong type."""
+        check_config_types(cls, config if isinstance(config, dict) else {}, kwargs)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def enable_parallelism(self, *, config, cp_plan=None):
         r"""Diffusers' `enable_parallelism`: Ulysses context parallelism with `ContextParallelConfig(ulysses_degree=P)`

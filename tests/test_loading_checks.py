@@ -1,0 +1,84 @@
+"""A converted folder that lacks a tensor fails at `from_pretrained`, naming it (not with a meta-device error at the
+first call); a config field of the wrong type fails naming the field."""
+
+import json
+import re
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from diffusers_magi import AutoencoderMagi, MagiTransformer3DModel
+
+from .tiny_models import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    pipe = tiny_pipeline(with_text_encoder=False)
+    pipe.transformer.save_pretrained(root / "transformer")
+    pipe.vae.save_pretrained(root / "vae")
+    return root
+
+
+def _drop(folder, name):
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "cls, subfolder, name",
+    [
+        (MagiTransformer3DModel, "transformer", "blocks.0.attn.norm_cross_k.weight"),
+        (AutoencoderMagi, "vae", "decoder.conv_out.bias"),
+    ],
+)
+@pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+def test_missing_tensor_fails_at_load_naming_it(saved, tmp_path, cls, subfolder, name, low_cpu_mem_usage):
+    if cls is MagiTransformer3DModel and not low_cpu_mem_usage:
+        pytest.skip("the transformer keeps modules in float32, which Diffusers only loads with low_cpu_mem_usage")
+    folder = tmp_path / subfolder
+    folder.mkdir()
+    for path in (saved / subfolder).iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    assert cls.from_pretrained(folder) is not None  # the complete folder loads
+    _drop(folder, name)
+    with pytest.raises(ValueError, match=rf"lack 1 tensor\(s\) the model needs: \['{name}'\]"):
+        cls.from_pretrained(folder, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def test_loading_info_is_still_returned_when_asked(saved):
+    model, info = MagiTransformer3DModel.from_pretrained(saved / "transformer", output_loading_info=True)
+    assert isinstance(model, MagiTransformer3DModel) and info["missing_keys"] == []
+    assert all(not tensor.is_meta for tensor in model.state_dict().values())
+
+
+@pytest.mark.parametrize(
+    "cls, subfolder, field, value, expected",
+    [
+        (MagiTransformer3DModel, "transformer", "num_layers", "two", "int"),
+        (MagiTransformer3DModel, "transformer", "num_layers", 2.0, "int"),
+        (MagiTransformer3DModel, "transformer", "gated_linear_unit", 1, "bool"),
+        (MagiTransformer3DModel, "transformer", "patch_size", [1, "2", 2], "Tuple"),
+        (AutoencoderMagi, "vae", "scaling_factor", "0.18", "float"),
+    ],
+)
+def test_config_field_of_the_wrong_type_is_named(saved, tmp_path, cls, subfolder, field, value, expected):
+    folder = tmp_path / subfolder
+    folder.mkdir()
+    for path in (saved / subfolder).iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match=rf"config field `{field}` must be {expected}.*got " + re.escape(repr(value))):
+        cls.from_pretrained(folder)
+
+
+def test_keyword_overrides_are_checked_too():
+    with pytest.raises(TypeError, match="`num_layers` must be int"):
+        MagiTransformer3DModel.from_config({}, num_layers="2")
+    with pytest.raises(TypeError, match="`fp8_layers` must be"):
+        MagiTransformer3DModel.from_config({"fp8_layers": [1, "2"]})
