@@ -4,6 +4,7 @@ Importing this package registers its classes with Diffusers, so that ``Diffusion
 ``AutoModel.from_pretrained`` and ``from diffusers import MagiTransformer3DModel`` resolve them.
 """
 
+from . import _quiet_imports  # noqa: F401  (first: imports Diffusers' models without torchao's import-time logs)
 from .models import AutoencoderMagi, MagiKVCache, MagiTransformer3DModel
 from .pipelines import (
     MagiChunkOutput,
