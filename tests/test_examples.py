@@ -37,6 +37,26 @@ def test_example_script(tmp_path, script, extra, frames):
 
 
 @pytest.mark.slow
+def test_train_lora_example(tmp_path):
+    """Trains a LoRA for a few steps on a generated two-clip folder, then generates with it."""
+    from .training_clips import write_moving_squares
+
+    data = write_moving_squares(tmp_path / "clips", num_frames=24, size=32)
+    output = tmp_path / "out.mp4"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_lora.py"), *TINY, "--data", str(data), "--lora-dir", str(tmp_path / "lora"),
+         "--max-steps", "3", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(imageio.mimread(str(output), memtest=False)) == 24
+
+
+@pytest.mark.slow
 def test_colab_notebook_runs_offline(tmp_path):
     """The notebook executes top to bottom; off Colab it uses the tiny random pipeline."""
     import nbformat
