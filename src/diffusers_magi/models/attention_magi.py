@@ -4,7 +4,7 @@ parallel from one pre-norm.
 A transformer call sees a *window* of consecutive latent chunks (each `tokens_per_chunk` tokens). Self-attention is
 chunk-causal: the queries of a chunk attend to every token of their own chunk and of a limited number of earlier
 chunks, never to later ones. Earlier chunks that are not part of the window come from a `MagiKVCache`.
-Cross-attention is per chunk: the queries of a chunk attend to the (unpadded) caption tokens of that chunk.
+Cross-attention is per chunk: the queries of a chunk attend to the valid caption tokens of that chunk (padding masked).
 
 Both are computed by looping over query chunks and calling Diffusers' `dispatch_attention_fn` without a mask on the
 exact key range of each chunk. This is the fastest form on CPU, the natural form for a KV cache, and it runs on every
@@ -14,15 +14,14 @@ Under context parallelism (`context_parallel_magi`) a process holds a slice of t
 exchanges it for a head group over all tokens, cross-attention and the per-chunk gates work on the local slice.
 """
 
-import itertools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
 from .context_parallel_magi import SequenceShards, gather_sequence_scatter_heads, scatter_sequence_gather_heads
 from .kv_cache_magi import MagiKVCacheLayer
@@ -126,14 +125,22 @@ class ChunkAttentionLayout:
         return start, end
 
 
-def _attention_inputs(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Inputs of an attention call, upcast to float32 when they are bfloat16/float16 on CPU (callers round the result
-    back once). torch's reduced-precision CPU kernels round the attention probabilities to the input dtype (and with
-    grouped-query attention fall back to a reduced-precision math path); MAGI-1's reference evaluation on CPU computes
-    softmax and weighted sum in float32 and rounds only the output. Other devices keep their fused kernels."""
-    if tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.bfloat16, torch.float16):
-        return tuple(tensor.float() for tensor in tensors)
-    return tensors
+def _attention_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend=None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[AttentionBackendName]]:
+    """Inputs and backend of an attention call. On CPU, bfloat16/float16 inputs are upcast to float32 (callers round
+    the result back once) and PyTorch SDPA runs its math kernel on them: `softmax(q k^T * scale) @ v` in float32, as
+    MAGI-1's reference evaluation on CPU computes it. (torch's reduced-precision CPU kernels round the probabilities
+    to the input dtype; its float32 CPU flash kernel sums blockwise with an online softmax, which rounds differently,
+    and bfloat16 outputs and float8 activations amplify that.) The math kernel holds the scores of one query chunk
+    over its key range at once. Other devices, float32 inputs and other backends are left as they are."""
+    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
+        return query, key, value, backend
+    if backend is None:
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    if AttentionBackendName(backend) == AttentionBackendName.NATIVE:
+        backend = AttentionBackendName._NATIVE_MATH
+    return query.float(), key.float(), value.float(), backend
 
 
 def chunk_causal_attention(
@@ -155,7 +162,7 @@ def chunk_causal_attention(
     tokens = layout.tokens_per_chunk
     enable_gqa = query.shape[2] != key.shape[2]
     dtype = query.dtype
-    query, key, value = _attention_inputs(query, key, value)
+    query, key, value, backend = _attention_inputs(query, key, value, backend)
     outputs = []
     for chunk in range(layout.num_chunks):
         key_start, key_end = layout.key_token_range(chunk)
@@ -171,44 +178,68 @@ def chunk_causal_attention(
     return torch.cat(outputs, dim=1).to(dtype)
 
 
+def _key_padding_mask_backend(backend):
+    """The backend cross-attention runs on: `backend` if it takes a boolean key-padding mask (PyTorch SDPA and the
+    varlen kernels, which turn the mask into sequence lengths), else PyTorch SDPA (flash and sage reject masks,
+    xformers ignores boolean ones; the caption keys are few, so this costs little)."""
+    if backend is None:
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    name = AttentionBackendName(backend).value
+    if name in ("native", "_native_math", "_native_efficient", "_native_cudnn") or "varlen" in name:
+        return backend
+    return AttentionBackendName.NATIVE
+
+
 def per_chunk_cross_attention(
     query: torch.Tensor,
     text_keys: torch.Tensor,
     text_values: torch.Tensor,
-    text_lengths: Sequence[int],
+    text_mask: torch.Tensor,
     layout: ChunkAttentionLayout,
     backend=None,
 ) -> torch.Tensor:
-    """Cross-attention of each chunk's queries over that chunk's caption tokens.
+    """Cross-attention of each chunk's queries over that chunk's valid caption tokens.
 
     Args:
         query (`torch.Tensor` of shape `(batch, tokens, heads, head_dim)`): the call's tokens, or this process's slice
             of them under context parallelism (`layout.local_chunk_segments`).
-        text_keys, text_values (`torch.Tensor` of shape `(total_text_tokens, kv_heads, head_dim)`):
-            the valid caption tokens of every (batch row, chunk) pair, concatenated batch-major.
-        text_lengths (`Sequence[int]` of length `batch * layout.num_chunks`): valid tokens per (batch row, chunk).
+        text_keys, text_values (`torch.Tensor` of shape `(batch, num_chunks, text_length, kv_heads, head_dim)`):
+            caption tokens of every (batch row, chunk), padding included.
+        text_mask (`torch.Tensor` of shape `(batch, num_chunks, text_length)`, bool): the valid caption tokens.
     Returns:
         `torch.Tensor` of the shape of `query`. A chunk whose caption has no valid token gets zeros (an attention over
         nothing), as the original's varlen kernel returns.
     """
-    enable_gqa = query.shape[2] != text_keys.shape[1]
+    enable_gqa = query.shape[2] != text_keys.shape[3]
     dtype = query.dtype
-    query, text_keys, text_values = _attention_inputs(query, text_keys, text_values)
-    offsets = list(itertools.accumulate(text_lengths, initial=0))
-    output = torch.zeros_like(query)
-    for batch_index in range(query.shape[0]):
-        for chunk, start, end in layout.local_chunk_segments():
-            row = batch_index * layout.num_chunks + chunk
-            if text_lengths[row] == 0:
-                continue
-            output[batch_index, start:end] = dispatch_attention_fn(
-                query[batch_index : batch_index + 1, start:end],
-                text_keys[None, offsets[row] : offsets[row + 1]],
-                text_values[None, offsets[row] : offsets[row + 1]],
-                enable_gqa=enable_gqa,
-                backend=backend,
-            )[0]
-    return output.to(dtype)
+    backend = _key_padding_mask_backend(backend)
+    query, text_keys, text_values, backend = _attention_inputs(query, text_keys, text_values, backend)
+    if layout.shards is None:  # whole chunks: one call with the (batch row, chunk) pairs as its batch
+        batch_size, num_chunks = text_mask.shape[:2]
+        mask = text_mask.flatten(0, 1)
+        attention = dispatch_attention_fn(
+            query.unflatten(1, (num_chunks, -1)).flatten(0, 1),
+            text_keys.flatten(0, 1),
+            text_values.flatten(0, 1),
+            attn_mask=mask[:, None, None, :],
+            enable_gqa=enable_gqa,
+            backend=backend,
+        )
+        attention = torch.where(mask.any(dim=-1)[:, None, None, None], attention, 0.0)
+        return attention.unflatten(0, (batch_size, num_chunks)).flatten(1, 2).to(dtype)
+    outputs = []
+    for chunk, start, end in layout.local_chunk_segments():
+        mask = text_mask[:, chunk]
+        attention = dispatch_attention_fn(
+            query[:, start:end],
+            text_keys[:, chunk],
+            text_values[:, chunk],
+            attn_mask=mask[:, None, None, :],
+            enable_gqa=enable_gqa,
+            backend=backend,
+        )
+        outputs.append(torch.where(mask.any(dim=-1)[:, None, None, None], attention, 0.0))
+    return torch.cat(outputs, dim=1).to(dtype)
 
 
 class MagiAttnProcessor:
@@ -229,7 +260,7 @@ class MagiAttnProcessor:
         rotary_emb: Tuple[torch.Tensor, torch.Tensor],
         layout: ChunkAttentionLayout,
         text_states: torch.Tensor,
-        text_lengths: Sequence[int],
+        text_mask: torch.Tensor,
         kv_cache: Optional[MagiKVCacheLayer] = None,
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
@@ -266,7 +297,7 @@ class MagiAttnProcessor:
         text_keys, text_values = text_key_value.chunk(2, dim=-1)
         text_keys = attn.norm_cross_k(text_keys)
         cross_attention = per_chunk_cross_attention(
-            cross_query, text_keys, text_values, text_lengths, layout, backend=self._attention_backend
+            cross_query, text_keys, text_values, text_mask, layout, backend=self._attention_backend
         )
         del cross_query
 
@@ -335,7 +366,7 @@ class MagiAttention(nn.Module, AttentionModuleMixin):
         rotary_emb: Tuple[torch.Tensor, torch.Tensor],
         layout: ChunkAttentionLayout,
         text_states: torch.Tensor,
-        text_lengths: List[int],
+        text_mask: torch.Tensor,
         kv_cache: Optional[MagiKVCacheLayer] = None,
     ) -> torch.Tensor:
         """
@@ -344,11 +375,11 @@ class MagiAttention(nn.Module, AttentionModuleMixin):
                 tokens, or this process's slice of them under context parallelism (`layout.shards`).
             rotary_emb (`(cos, sin)`, each of shape `(tokens, rotary_dim // 2)`): for the tokens of `hidden_states`.
             layout (`ChunkAttentionLayout`): which keys each chunk attends to.
-            text_states (`torch.Tensor` of shape `(total_text_tokens, cross_attention_dim)`): projected caption
-                tokens of every (batch row, chunk), batch-major.
-            text_lengths (`List[int]`): valid caption tokens per (batch row, chunk).
+            text_states (`torch.Tensor` of shape `(batch, num_chunks, text_length, cross_attention_dim)`): projected
+                caption tokens of every (batch row, chunk), padding included.
+            text_mask (`torch.Tensor` of shape `(batch, num_chunks, text_length)`, bool): the valid caption tokens.
             kv_cache (`MagiKVCacheLayer`, *optional*): this layer's cache.
         Returns:
             `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, hidden_size)`, float32.
         """
-        return self.processor(self, hidden_states, rotary_emb, layout, text_states, text_lengths, kv_cache)
+        return self.processor(self, hidden_states, rotary_emb, layout, text_states, text_mask, kv_cache)

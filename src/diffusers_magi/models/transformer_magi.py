@@ -168,19 +168,19 @@ class MagiTextEmbedder(nn.Module):
         )
         return self.condition_proj(token.to(self.condition_proj.weight.dtype))
 
-    def forward(self, caption: torch.Tensor, caption_mask: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    def forward(self, caption: torch.Tensor, caption_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             caption (`torch.Tensor` of shape `(batch, num_chunks, text_length, text_dim)`)
             caption_mask (`torch.Tensor` of shape `(batch, num_chunks, text_length)`): non-zero = valid token.
         Returns:
-            `(text_states, text_lengths)`: the projected valid tokens `(total_valid_tokens, cross_attention_dim)`,
-            batch-major then chunk, and the number of valid tokens of each (batch row, chunk).
+            `(text_states, text_mask)`: the projected tokens `(batch, num_chunks, text_length, cross_attention_dim)`,
+            padding included, and the boolean mask of the valid ones `(batch, num_chunks, text_length)`. Padding is
+            kept (and masked in cross-attention) so that shapes never depend on the data: `torch.compile` traces
+            the model without graph breaks.
         """
-        valid = caption_mask.bool()
-        tokens = caption[valid]
-        tokens = F.silu(self.cross_attention_proj(tokens.to(self.cross_attention_proj.weight.dtype)))
-        return tokens, valid.sum(dim=-1).flatten().tolist()
+        tokens = F.silu(self.cross_attention_proj(caption.to(self.cross_attention_proj.weight.dtype)))
+        return tokens, caption_mask.bool()
 
 
 class MagiRotaryPosEmbed(nn.Module):
@@ -299,10 +299,13 @@ class MagiTransformerBlock(nn.Module):
         layout: ChunkAttentionLayout,
     ) -> torch.Tensor:
         # Each chunk's tokens (those this process holds, under context parallelism) are scaled by that chunk's gate.
-        gated = torch.cat(
-            [branch[:, start:end].float() * gate[:, chunk, None].float() for chunk, start, end in layout.local_chunk_segments()],
-            dim=1,
-        )
+        if layout.shards is None:
+            gated = (branch.float().unflatten(1, (layout.num_chunks, -1)) * gate.float()[:, :, None]).flatten(1, 2)
+        else:
+            gated = torch.cat(
+                [branch[:, start:end].float() * gate[:, chunk, None].float() for chunk, start, end in layout.local_chunk_segments()],
+                dim=1,
+            )
         normed = post_norm(gated)
         del gated
         return normed.add_(residual).to(residual.dtype)  # the float32 sum; `residual` is promoted exactly
@@ -314,7 +317,7 @@ class MagiTransformerBlock(nn.Module):
         rotary_emb: Tuple[torch.Tensor, torch.Tensor],
         layout: ChunkAttentionLayout,
         text_states: torch.Tensor,
-        text_lengths: List[int],
+        text_mask: torch.Tensor,
         kv_cache=None,
     ) -> torch.Tensor:
         """
@@ -328,7 +331,7 @@ class MagiTransformerBlock(nn.Module):
         gates = (self.gate_softcap * torch.tanh(gates.float() / self.gate_softcap)).to(gates.dtype)
         attention_gate, ff_gate = gates.chunk(2, dim=-1)
 
-        attention = self.attn(hidden_states, rotary_emb, layout, text_states, text_lengths, kv_cache)
+        attention = self.attn(hidden_states, rotary_emb, layout, text_states, text_mask, kv_cache)
         hidden_states = self._gated_residual(attention, hidden_states, attention_gate, self.attn_post_norm, layout)
         del attention  # not alive during the MLP
         hidden_states = self._gated_residual(self.ff(hidden_states), hidden_states, ff_gate, self.ff_post_norm, layout)
@@ -601,7 +604,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         if config.half_channel_vae:
             latents = torch.cat([latents, latents], dim=1)
         tokens = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
-        tokens = tokens.flatten(2).transpose(1, 2).to(dtype)
+        tokens = tokens.flatten(2).transpose(1, 2).to(dtype).contiguous()  # the layout of every block's output
         rotary_emb = self.rope(first_chunk_index * chunk_frames, *grid)
 
         # 2. Per-chunk condition: time embedding (+ step-size embedding) + learned caption token.
@@ -619,13 +622,13 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         condition = time_embedding.unflatten(0, (batch_size, num_chunks)) + caption_condition[:, None]
         condition = condition.to(dtype)
 
-        # 3. Caption tokens (padding removed) for cross-attention.
-        text_states, text_lengths = self.text_embedder(encoder_hidden_states, encoder_attention_mask)
+        # 3. Caption tokens (padded, with their mask) for cross-attention.
+        text_states, text_mask = self.text_embedder(encoder_hidden_states, encoder_attention_mask)
         text_states = text_states.to(dtype)
 
         # 4. Transformer blocks (on this process's slice of the tokens under context parallelism: `_cp_plan`).
         for index, block in enumerate(self.blocks):
-            block_inputs = (tokens, condition, rotary_emb, layout, text_states, text_lengths)
+            block_inputs = (tokens, condition, rotary_emb, layout, text_states, text_mask)
             block_cache = kv_cache.layer(index) if kv_cache is not None else None
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *block_inputs, block_cache)

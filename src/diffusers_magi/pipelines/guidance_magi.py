@@ -14,11 +14,21 @@ appended that sees only itself, and that chunk's velocity is `w * v + (1 - w) * 
 
 A call may start with clean chunks (`num_clean_chunks`): a chunk that just finished is run once more at the clean
 time so that its keys/values enter the cache. They see no caption and their output is not returned.
+
+Batched branches (`batch_branches=True`): the two passes that share the window's attention layout (conditional and
+earlier-chunks-only) run as one transformer call on a doubled batch. They read the same cached chunks, and only the
+earlier-chunks-only rows are written to the cache (`MagiKVCache.branch_view`). The unconditional pass attends to
+each chunk alone, a different layout, and stays a call of its own.
+
+Step caches (Diffusers' `transformer.enable_cache(...)`): every transformer call runs inside
+`transformer.cache_context(name)`, the name made of the window (`cache_window`) and the branch, so a cache only
+ever compares a call with earlier calls of the same window and branch (the same shapes and the same role).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Hashable, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +50,9 @@ class MagiGuidance:
         text_scales (`Sequence[float]`): guidance scale towards the caption, per band.
         nearly_clean_weight (`float`): distilled mode: weight of the normal velocity of a nearly clean first chunk.
         nearly_clean_threshold (`float`): distilled mode: a first chunk with `t` above this is nearly clean.
+        batch_branches (`bool`, defaults to `True`): three-branch mode: run the conditional and earlier-chunks-only
+            passes as one transformer call on a doubled batch (faster; more activation memory). `False` runs them
+            one after the other (the least memory). Results agree to float rounding.
     """
 
     mode: str = "three_branch"
@@ -48,6 +61,7 @@ class MagiGuidance:
     text_scales: Tuple[float, ...] = (7.5, 7.5, 7.5, 0.0, 0.0)
     nearly_clean_weight: float = 0.7
     nearly_clean_threshold: float = 0.3
+    batch_branches: bool = True
 
     def __post_init__(self):
         if self.mode not in GUIDANCE_MODES:
@@ -124,6 +138,7 @@ class MagiGuidance:
         num_clean_chunks: int = 0,
         step_size: Optional[float] = None,
         attention_kwargs: Optional[dict] = None,
+        cache_window: Optional[Hashable] = None,
     ) -> torch.Tensor:
         """Guided velocity of the denoised chunks of one model call.
 
@@ -141,6 +156,11 @@ class MagiGuidance:
             first_chunk_index, attention_chunk_starts, kv_cache: see `MagiTransformer3DModel.forward`.
             num_clean_chunks (`int`): leading chunks re-run at the clean time; written to `kv_cache`, not returned.
             step_size (`float`, *optional*): shortcut step size of distilled checkpoints.
+            cache_window (hashable, *optional*): names the window for step caches (`transformer.enable_cache`): each
+                pass runs in `transformer.cache_context(f"{cache_window}/{call shape}/{branch}")`. The caller passes
+                a key that is the same for all calls of one window and differs between windows, and resets the cache
+                state (`reset_step_cache`) when the window moves. Defaults to `first_chunk_index` when a step cache is
+                enabled (no context otherwise).
 
         Returns:
             `torch.Tensor` of shape `(batch, channels, (num_chunks - num_clean_chunks) * chunk_frames, H, W)`.
@@ -163,33 +183,52 @@ class MagiGuidance:
             step_size=step_size,
             attention_kwargs=attention_kwargs,
         )
+        window = _cache_window(transformer, cache_window, first_chunk_index, num_chunks, num_clean_chunks)
 
         if self.mode == "distilled":
             return self._distilled_velocity(
-                transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call
+                transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call, window
             )
 
-        cond = transformer(
-            latents, timestep, prompt_embeds, prompt_attention_mask, caption_dropped=False, **call
-        ).sample[:, :, clean_frames:]
-        prev_only = transformer(
-            latents,
-            timestep,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            caption_dropped=True,
-            num_chunks_to_cache=num_clean_chunks,
-            **call,
-        ).sample[:, :, clean_frames:]
-        uncond = self._unconditional_velocity(
-            transformer,
-            latents[:, :, clean_frames:],
-            timestep[:, num_clean_chunks:],
-            negative_prompt_embeds[:, num_clean_chunks:],
-            negative_prompt_attention_mask[:, num_clean_chunks:],
-            step_size,
-            attention_kwargs,
-        )
+        if self.batch_branches:
+            batch_size = latents.shape[0]
+            call = dict(call, kv_cache=kv_cache.branch_view(2, write_branch=1) if kv_cache is not None else None)
+            with _cache_context(transformer, window, "cond+prev_only"):
+                both = transformer(
+                    torch.cat([latents, latents]),
+                    torch.cat([timestep, timestep]),
+                    torch.cat([prompt_embeds, negative_prompt_embeds]),
+                    torch.cat([prompt_attention_mask, negative_prompt_attention_mask.to(prompt_attention_mask.dtype)]),
+                    caption_dropped=torch.arange(2 * batch_size, device=latents.device) >= batch_size,
+                    num_chunks_to_cache=num_clean_chunks,
+                    **call,
+                ).sample[:, :, clean_frames:]
+            cond, prev_only = both[:batch_size], both[batch_size:]
+        else:
+            with _cache_context(transformer, window, "cond"):
+                cond = transformer(
+                    latents, timestep, prompt_embeds, prompt_attention_mask, caption_dropped=False, **call
+                ).sample[:, :, clean_frames:]
+            with _cache_context(transformer, window, "prev_only"):
+                prev_only = transformer(
+                    latents,
+                    timestep,
+                    negative_prompt_embeds,
+                    negative_prompt_attention_mask,
+                    caption_dropped=True,
+                    num_chunks_to_cache=num_clean_chunks,
+                    **call,
+                ).sample[:, :, clean_frames:]
+        with _cache_context(transformer, window, "uncond"):
+            uncond = self._unconditional_velocity(
+                transformer,
+                latents[:, :, clean_frames:],
+                timestep[:, num_clean_chunks:],
+                negative_prompt_embeds[:, num_clean_chunks:],
+                negative_prompt_attention_mask[:, num_clean_chunks:],
+                step_size,
+                attention_kwargs,
+            )
         return self.combine(cond, prev_only, uncond, timestep[:, num_clean_chunks:], chunk_frames)
 
     def cache_clean_chunks(
@@ -204,23 +243,27 @@ class MagiGuidance:
         kv_cache: MagiKVCache,
         step_size: Optional[float] = None,
         attention_kwargs: Optional[dict] = None,
+        cache_window: Optional[Hashable] = None,
     ) -> torch.Tensor:
         """Write the keys/values of clean chunks (a video prefix) to `kv_cache` with the pass that writes the cache
-        in this guidance mode. Returns that pass's raw output (of no use to sampling). Shapes as in
-        `predict_velocity`."""
-        return transformer(
-            latents,
-            timestep,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            first_chunk_index=first_chunk_index,
-            attention_chunk_starts=attention_chunk_starts,
-            kv_cache=kv_cache,
-            num_chunks_to_cache=timestep.shape[1],
-            caption_dropped=self.cache_writer_caption_dropped,
-            step_size=step_size,
-            attention_kwargs=attention_kwargs,
-        ).sample
+        in this guidance mode. Returns that pass's raw output (of no use to sampling). Shapes and `cache_window` as
+        in `predict_velocity`."""
+        num_chunks = timestep.shape[1]
+        window = _cache_window(transformer, cache_window, first_chunk_index, num_chunks, num_chunks)
+        with _cache_context(transformer, window, "prefix"):
+            return transformer(
+                latents,
+                timestep,
+                negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                first_chunk_index=first_chunk_index,
+                attention_chunk_starts=attention_chunk_starts,
+                kv_cache=kv_cache,
+                num_chunks_to_cache=num_chunks,
+                caption_dropped=self.cache_writer_caption_dropped,
+                step_size=step_size,
+                attention_kwargs=attention_kwargs,
+            ).sample
 
     @staticmethod
     def _unconditional_velocity(
@@ -242,7 +285,7 @@ class MagiGuidance:
         return velocity.unflatten(0, (batch_size, num_chunks)).transpose(1, 2).flatten(2, 3)
 
     def _distilled_velocity(
-        self, transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call
+        self, transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call, window
     ) -> torch.Tensor:
         num_chunks = timestep.shape[1]
         chunk_frames = latents.shape[2] // num_chunks
@@ -250,30 +293,59 @@ class MagiGuidance:
         first = num_clean_chunks  # the first denoised chunk
         nearly_clean = float(timestep[0, first]) > self.nearly_clean_threshold
         if not nearly_clean:
-            return transformer(
-                latents,
-                timestep,
-                prompt_embeds,
-                prompt_attention_mask,
-                caption_dropped=False,
-                num_chunks_to_cache=num_clean_chunks,
-                **call,
-            ).sample[:, :, clean_frames:]
+            with _cache_context(transformer, window, "distilled"):
+                return transformer(
+                    latents,
+                    timestep,
+                    prompt_embeds,
+                    prompt_attention_mask,
+                    caption_dropped=False,
+                    num_chunks_to_cache=num_clean_chunks,
+                    **call,
+                ).sample[:, :, clean_frames:]
 
         # Append a copy of the first denoised chunk that attends only to itself.
         first_frames = slice(first * chunk_frames, (first + 1) * chunk_frames)
         appended_index = call["first_chunk_index"] + num_chunks
         call = dict(call, attention_chunk_starts=[*call["attention_chunk_starts"], appended_index])
-        velocity = transformer(
-            torch.cat([latents, latents[:, :, first_frames]], dim=2),
-            torch.cat([timestep, timestep[:, first : first + 1]], dim=1),
-            torch.cat([prompt_embeds, prompt_embeds[:, first : first + 1]], dim=1),
-            torch.cat([prompt_attention_mask, prompt_attention_mask[:, first : first + 1]], dim=1),
-            caption_dropped=False,
-            num_chunks_to_cache=num_clean_chunks,
-            **call,
-        ).sample
+        with _cache_context(transformer, window, "distilled+alone"):
+            velocity = transformer(
+                torch.cat([latents, latents[:, :, first_frames]], dim=2),
+                torch.cat([timestep, timestep[:, first : first + 1]], dim=1),
+                torch.cat([prompt_embeds, prompt_embeds[:, first : first + 1]], dim=1),
+                torch.cat([prompt_attention_mask, prompt_attention_mask[:, first : first + 1]], dim=1),
+                caption_dropped=False,
+                num_chunks_to_cache=num_clean_chunks,
+                **call,
+            ).sample
         velocity, alone = velocity[:, :, : num_chunks * chunk_frames], velocity[:, :, num_chunks * chunk_frames :]
         weight = self.nearly_clean_weight
         blended = velocity[:, :, first_frames] * weight + alone * (1 - weight)
         return torch.cat([blended, velocity[:, :, (first + 1) * chunk_frames :]], dim=2)
+
+
+def reset_step_cache(transformer: MagiTransformer3DModel) -> None:
+    """Forget the state of the step cache enabled on `transformer` (`enable_cache`), if any: call it when a
+    generation starts and whenever the window moves, so that state never leaks across windows, calls or sessions and
+    old windows' states are freed."""
+    if getattr(transformer, "is_cache_enabled", False):
+        transformer._reset_stateful_cache()
+
+
+def _cache_window(transformer, cache_window, first_chunk_index: int, num_chunks: int, num_clean_chunks: int):
+    """The prefix of a call's cache context names: the window (the caller's `cache_window`, else the call's first
+    chunk when a step cache is enabled) and the call's shape (chunks, clean chunks), so that the pass that writes
+    the KV cache, whose window holds one more chunk, is never compared with the other calls of its window. `None`
+    without a window and without a step cache: no cache context, no overhead."""
+    if cache_window is None:
+        if not getattr(transformer, "is_cache_enabled", False):
+            return None
+        cache_window = f"chunk{first_chunk_index}"
+    return f"{cache_window}/{num_chunks}chunks{num_clean_chunks}clean"
+
+
+def _cache_context(transformer, window, branch: str):
+    """`transformer.cache_context(f"{window}/{branch}")`, or nothing when `window` is `None`."""
+    if window is None:
+        return contextlib.nullcontext()
+    return transformer.cache_context(f"{window}/{branch}")
