@@ -12,7 +12,8 @@ from pathlib import Path
 
 import diffusers_magi
 import diffusers_magi.conversion
-from diffusers_magi import cli, loading, tiny_random
+from diffusers_magi import cli, loaders, loading, tiny_random, training
+from diffusers_magi.training import train_lora
 
 OUTPUT = Path(__file__).resolve().parent / "api.md"
 
@@ -85,6 +86,12 @@ def build() -> str:
         obj = getattr(diffusers_magi.conversion, name)
         if not name.startswith("_") and inspect.isfunction(obj):
             lines += _document(name, obj)
+    lines += ["## LoRA (`diffusers_magi.loaders`)", ""]
+    for name in ("MagiLoraLoaderMixin", "MagiPeftAdapterMixin", "adapter_incompatible_modules"):
+        lines += _document(name, getattr(loaders, name))
+    lines += ["## Training (`diffusers_magi.training`)", ""]
+    for name in training.__all__:
+        lines += _document(name, getattr(training, name))
     lines += ["## Loading (`diffusers_magi.loading`)", ""]
     lines += _document("load_pipeline", loading.load_pipeline)
     lines += ["## Tiny random pipeline (`diffusers_magi.tiny_random`)", ""]
@@ -92,6 +99,9 @@ def build() -> str:
     parser = cli.build_parser()
     parser.formatter_class = lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110)
     lines += ["## Command line: `magi-generate`", "", "```", parser.format_help().rstrip(), "```", ""]
+    parser = train_lora.build_parser()
+    parser.formatter_class = lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110)
+    lines += ["## Command line: `magi-train-lora`", "", "```", parser.format_help().rstrip(), "```", ""]
     return "\n".join(lines)
 
 
