@@ -42,6 +42,7 @@ from diffusers_magi.models import attention_magi, autoencoder_magi
 from diffusers_magi.models.attention_magi import ChunkAttentionLayout
 from diffusers_magi.models.context_parallel_magi import SequenceShards
 from diffusers_magi.models.kv_cache_magi import MagiKVCacheLayer
+from diffusers_magi.pipelines import input_checks_magi
 
 GiB = 2**30
 DTYPE = torch.bfloat16
@@ -216,8 +217,8 @@ def vae_bytes(small: bool) -> Dict[str, int]:
 # Activations
 # ----------------------------------------------------------------------------------------------------------------
 def tokens_per_chunk(model_config: dict, height: int, width: int, chunk_width: int = 6) -> int:
-    _, patch_h, patch_w = model_config["patch_size"]
-    return chunk_width * (height // 8 // patch_h) * (width // 8 // patch_w)
+    """Tokens of one latent chunk (the arithmetic the pipelines' memory check uses)."""
+    return input_checks_magi.tokens_per_chunk(model_config, height, width, chunk_width)
 
 
 def transformer_call_bytes(
@@ -302,9 +303,8 @@ def plan_shapes(num_chunks: int = 16, steps: int = 64) -> Dict[str, object]:
 
 
 def kv_chunk_bytes(model: MagiTransformer3DModel, tokens: int, dtype: torch.dtype = DTYPE) -> int:
-    """Keys and values of one chunk in all layers."""
-    config = model.config
-    return 2 * config.num_layers * tokens * config.num_key_value_heads * config.attention_head_dim * dtype.itemsize
+    """Keys and values of one chunk in all layers (the arithmetic the pipelines' memory check uses)."""
+    return input_checks_magi.kv_chunk_bytes(model.config, tokens, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
