@@ -336,3 +336,18 @@ def test_train_lora_end_to_end_resume_and_load(tmp_path):
     pipe.load_lora_weights(tmp_path / "full")
     adapted = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert (adapted - base).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_train_lora_in_bfloat16_with_gradient_checkpointing(tmp_path):
+    """The 24 GB recipe's switches at toy size: bf16 weights with autocast, float32 LoRA, checkpointed blocks."""
+    from safetensors.torch import load_file
+
+    data = write_moving_squares(tmp_path / "data")
+    code = main([*BASE_ARGS, "--resolution", "64", "--data", str(data), "--output", str(tmp_path / "out"), "--max-steps", "3",
+                 "--mixed-precision", "bf16", "--gradient-checkpointing"])
+    assert code == 0
+    losses = [entry["loss"] for entry in _losses(tmp_path / "out")]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert lora and {tensor.dtype for tensor in lora.values()} == {torch.float32}

@@ -232,6 +232,9 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
     check_target_modules(transformer, args.target_modules)
+    missing = [name for name in ("vae", "text_encoder", "tokenizer") if getattr(pipe, name, None) is None]
+    if missing:
+        raise ValueError(f"--model {args.model!r} has no {', '.join(missing)}; training encodes the clips with them.")
     model_id = f"{args.model}:{args.variant}"
 
     # 1. Cache latents and captions (VAE and T5 on the accelerator only now), then free T5.
