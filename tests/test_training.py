@@ -344,9 +344,12 @@ def test_train_lora_in_bfloat16_with_gradient_checkpointing(tmp_path):
     from safetensors.torch import load_file
 
     data = write_moving_squares(tmp_path / "data")
-    code = main([*BASE_ARGS, "--resolution", "64", "--data", str(data), "--output", str(tmp_path / "out"), "--max-steps", "3",
-                 "--mixed-precision", "bf16", "--gradient-checkpointing"])
-    assert code == 0
+    run = subprocess.run(  # a fresh process: accelerate's mixed-precision state is per process
+        [sys.executable, "-m", "diffusers_magi.training.train_lora", *BASE_ARGS, "--resolution", "64", "--data", str(data),
+         "--output", str(tmp_path / "out"), "--max-steps", "3", "--mixed-precision", "bf16", "--gradient-checkpointing"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
     losses = [entry["loss"] for entry in _losses(tmp_path / "out")]
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
