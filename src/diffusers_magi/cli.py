@@ -12,13 +12,19 @@ The video is written to `--output` while it is generated, chunk by chunk (24 fra
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from .conversion.presets import PRESETS
 from .loading import DEFAULT_VARIANT, ORIGINAL_REPO_ID, TINY_RANDOM, is_original_layout
+from .pipelines.input_checks_magi import check_cfg_t_range, check_float
+from .placement import check_device
+
+SIZE_MULTIPLE = 16  # VAE 8x, transformer patch 2x
 
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,10 +118,32 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         _fail(parser, f"--output {args.output!r}: folder {output_dir!r} does not exist or is not writable.")
     if not args.output.lower().endswith(".mp4"):
         _fail(parser, f"--output {args.output!r} must be an .mp4 file.")
+    check_numbers(parser, args)
+    for flag, device in (("--device", args.device), ("--kv-cache-device", args.kv_cache_device)):
+        if device is not None:
+            try:
+                check_device(device, flag, described_as=f"{flag} {device}")
+            except ValueError as error:
+                _fail(parser, str(error))
+    if os.path.isdir(args.output):
+        _fail(parser, f"--output {args.output!r} is a folder; name the .mp4 file to write.")
     if args.offload != "none" and args.device == "cpu" and args.offload != "group":
         _fail(parser, f"--offload {args.offload} moves components between the CPU and an accelerator; with --device cpu use --offload none.")
     if args.model != TINY_RANDOM and not os.path.isdir(args.model) and os.path.exists(args.model):
         _fail(parser, f"--model {args.model!r} is a file; pass a pipeline folder, a Hub id or 'tiny-random'.")
+    local_looking = args.model.startswith((".", os.sep, "~")) or args.model.count("/") > 1
+    if args.model != TINY_RANDOM and not os.path.exists(args.model) and local_looking:
+        _fail(parser, f"--model {args.model!r} does not exist (and is not a Hub id such as sand-ai/MAGI-1).")
+    if (
+        os.path.isdir(args.model)
+        and not is_original_layout(args.model, args.variant)
+        and not os.path.isfile(os.path.join(args.model, "model_index.json"))
+    ):
+        _fail(
+            parser,
+            f"--model {args.model!r} is a folder without model_index.json: not a pipeline written by magi-convert. For "
+            "the original layout (ckpt/magi/...) pass --variant.",
+        )
     if is_original_layout(args.model, args.variant):
         if args.special_tokens_file is None and args.special_tokens:
             _fail(
@@ -126,6 +154,25 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if args.special_tokens_file and not os.path.isfile(args.special_tokens_file):
             _fail(parser, f"--special-tokens-file {args.special_tokens_file!r} is not a readable file.")
 
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sizes, frames, steps and guidance settings, which need no model."""
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value <= 0 or value % SIZE_MULTIPLE:
+            _fail(parser, f"{flag} {value}: height and width must be positive multiples of {SIZE_MULTIPLE} (VAE 8x, transformer patch 2x).")
+    for flag, value in (("--num-frames", args.num_frames), ("--fps", args.fps), ("--num-prefix-frames", args.num_prefix_frames)):
+        if value < 1:
+            _fail(parser, f"{flag} must be at least 1, got {value}.")
+    if args.steps is not None and args.steps < 1:
+        _fail(parser, f"--steps must be at least 1, got {args.steps}.")
+    try:
+        check_cfg_t_range(args.cfg_t_range)
+        for flag, values in (("--prev-chunk-scales", args.prev_chunk_scales), ("--text-scales", args.text_scales)):
+            for value in values or ():
+                check_float(value, flag)
+        check_float(args.nearly_clean_weight, "--nearly-clean-weight", allow_none=True)
+    except (TypeError, ValueError) as error:
+        _fail(parser, str(error).replace("`cfg_t_range", "`--cfg-t-range"))
 
 
 def _chunk_prompts(args) -> Optional[List[str]]:
@@ -188,7 +235,17 @@ def generation_arguments(args) -> dict:
     return kwargs
 
 
+def _error(message: str, code: int = 1) -> int:
+    print(f"magi-generate: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
     from tqdm.auto import tqdm
 
     from .pipelines import write_video_stream
@@ -196,20 +253,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    pipe = load_pipeline(args)
+    errors = (ValueError, TypeError, OSError, RuntimeError, ImportError, HfHubHTTPError)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # finish the mp4 on SIGTERM too
     try:
-        chunks = pipe.stream(**generation_arguments(args))
-    except (ValueError, TypeError) as error:
-        _fail(parser, str(error))
-    with tqdm(desc="chunks", unit="chunk") as progress:
+        try:
+            pipe = load_pipeline(args)
+        except LocalEntryNotFoundError as error:  # offline, or the Hub unreachable, and nothing cached
+            reason = str(error).splitlines()[-1]
+            return _error(
+                f"could not download {args.model} and it is not in the local cache ({reason}). Connect to the "
+                f"internet, or pass --model path/to/folder (written by magi-convert), or --model {TINY_RANDOM} for a "
+                "smoke test."
+            )
+        except errors as error:
+            return _error(f"could not load --model {args.model}: {error}")
+        except KeyboardInterrupt:
+            return _error("interrupted while loading the model; nothing was written", 130)
+        written = [0]
+        with tqdm(desc="chunks", unit="chunk") as progress:
 
-        def counted(stream):
-            for chunk in stream:
+            def chunk_written(count: int) -> None:
+                written[0] = count
                 progress.update()
-                yield chunk
 
-        write_video_stream(counted(chunks), args.output, fps=args.fps)
-    print(f"wrote {args.output}")
+            try:
+                chunks = pipe.stream(**generation_arguments(args))
+            except (ValueError, TypeError) as error:  # arguments the model or the inputs reject
+                _fail(parser, str(error))
+            failure = None
+            try:
+                write_video_stream(chunks, args.output, fps=args.fps, on_chunk_written=chunk_written)
+            except (KeyboardInterrupt, *errors) as error:
+                failure = error
+        if failure is not None:  # reported after the progress bar is closed
+            interrupted = isinstance(failure, KeyboardInterrupt)
+            what = "interrupted" if interrupted else str(failure)
+            if written[0] == 0:
+                return _error(f"{what} before the first chunk; no video was written", 130 if interrupted else 1)
+            return _error(f"{what}; {args.output} holds the first {written[0]} whole chunk(s)", 130 if interrupted else 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    print(f"wrote {args.output} ({written[0]} chunks)")
     return 0
 
 
