@@ -2,7 +2,7 @@
 
     magi-train-lora --model sand-ai/MAGI-1 --variant 4.5B_base --data clips/ --output my-lora \\
         --height 480 --width 848 --num-frames 48 --mixed-precision bf16 --gradient-checkpointing --max-steps 2000
-    accelerate launch -m diffusers_magi.training.train_lora --model ... (several GPUs: data parallel)
+    accelerate launch --multi_gpu --num_processes 4 -m diffusers_magi.training.train_lora --model ...  # data parallel
     magi-train-lora --model tiny-random --data clips/ --output out --resolution 64 --max-steps 40  # CPU smoke run
 
 Steps: check the arguments and the data (before anything heavy) -> load the pipeline -> encode every clip once into
