@@ -61,3 +61,13 @@ def test_bench_gpu_runs_on_cpu_at_toy_size():
 def test_memory_plan_runs_at_toy_size():
     output = _run("memory_plan.py", "--small")
     assert "toy configuration" in output and "### Peak accelerator memory, tiny (GiB, one GPU)" in output
+
+
+@pytest.mark.slow
+def test_bench_loading_prints_its_table():
+    """One variant, two blocks, CPU: a row with the checkpoint size and the memory the load added."""
+    output = _run("bench_loading.py", "--variants", "4.5B_distill", "--layers", "2", "--devices", "cpu")
+    assert "sparse full-width checkpoints, 2 blocks per variant" in output and "threads" in output
+    rows = [line.split() for line in output.splitlines() if line.startswith("4.5B_distill")]
+    assert len(rows) == 1 and rows[0][1] == "cpu"
+    assert float(rows[0][2]) > 0.5 and 0 < float(rows[0][6]) <= 1.25  # checkpoint GB, added RSS / checkpoint

@@ -29,7 +29,7 @@ def _sparse_module():
 
 
 def measured_load(variant: str, num_layers: int = 3, device: str = "cpu") -> dict:
-    script = REPO_ROOT / "tests" / "rss_of_a_load.py"
+    script = REPO_ROOT / "benchmarks" / "load_once.py"
     result = subprocess.run(
         [sys.executable, str(script), variant, str(num_layers), device], capture_output=True, text=True, timeout=900
     )

@@ -194,6 +194,7 @@ def load_pipeline(args):
         special_tokens=args.special_tokens_file,
         torch_dtype=DTYPES[args.dtype] if args.dtype else None,
         pipeline_class=pipeline_class,
+        device=args.device if args.offload == "none" else None,  # the original layout is read straight onto it
     )
     if args.offload == "none":
         pipe.to(args.device)

@@ -8,7 +8,7 @@
 Used by `magi-generate` and the example scripts.
 """
 
-from typing import Optional, Type
+from typing import Optional, Type, Union
 
 import torch
 
@@ -30,6 +30,7 @@ def load_pipeline(
     special_tokens: Optional[str] = None,
     torch_dtype: Optional[torch.dtype] = None,
     pipeline_class: Type[MagiPipeline] = MagiPipeline,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> MagiPipeline:
     """Load a MAGI-1 pipeline of class `pipeline_class` (T2V, I2V or V2V; all share components).
 
@@ -42,6 +43,9 @@ def load_pipeline(
         torch_dtype (`torch.dtype`, *optional*): dtype of the transformer and VAE; defaults to bfloat16 for real
             checkpoints and float32 for `"tiny-random"`.
         pipeline_class: `MagiPipeline`, `MagiImageToVideoPipeline` or `MagiVideoToVideoPipeline`.
+        device (`str` or `torch.device`, *optional*): for the original layout, the device every weight is read onto
+            (one tensor at a time, so host memory holds one tensor, not the model); other sources load on the CPU
+            and the caller moves them.
     """
     if model == TINY_RANDOM:
         from .tiny_random import tiny_random_pipeline
@@ -52,7 +56,11 @@ def load_pipeline(
             pipe.vae.to(torch_dtype)
     elif is_original_layout(model, variant):
         pipe = MagiPipeline.from_original(
-            model, variant=variant or DEFAULT_VARIANT, special_tokens=special_tokens, torch_dtype=torch_dtype or torch.bfloat16
+            model,
+            variant=variant or DEFAULT_VARIANT,
+            special_tokens=special_tokens,
+            torch_dtype=torch_dtype or torch.bfloat16,
+            **({"device": device} if device is not None else {}),
         )
     else:
         from diffusers import DiffusionPipeline

@@ -1,6 +1,9 @@
-"""Run in a fresh process by the loading tests and the loading benchmark: write a sparse full-width checkpoint of a
-released variant, load it with `load_original_transformer`, print one JSON line with the checkpoint size, the resident
-memory the load added at its peak (peak RSS after the load minus RSS before it) and the time taken."""
+"""One load in a fresh process (run by `bench_loading.py` and the loading tests): write a sparse full-width checkpoint
+of a released variant, load it with `load_original_transformer`, print one JSON line with the checkpoint size, the
+resident memory the load added at its peak (peak RSS after the load minus RSS before it) and the time taken.
+
+    python benchmarks/load_once.py 4.5B_base 3 cpu
+"""
 
 import json
 import resource
@@ -9,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from sparse_checkpoints import write_sparse_checkpoint  # noqa: E402
