@@ -164,6 +164,16 @@ def _collate(dataset: MagiCachedClips, indices: Sequence[int], device) -> dict:
     return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
 
 
+def _average_gradients(parameters: Sequence[torch.Tensor], accelerator) -> None:
+    """Average the gradients of `parameters` over the processes (what DDP does, once per optimisation step)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    flat = accelerator.reduce(torch.cat([grad.flatten() for grad in grads]), reduction="mean")
+    for grad, chunk in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(chunk.view_as(grad))
+
+
 def _save_lora(pipe_class, folder: Path, transformer) -> None:
     from peft import get_peft_model_state_dict
 
@@ -289,7 +299,9 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.bin", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.bin", weights_only=True))
         global_step = json.loads((checkpoint / "training_state.json").read_text())["step"]
-    model, optimizer = accelerator.prepare(transformer, optimizer)
+    # Only the optimizer is prepared (mixed-precision scaling); the LoRA gradients are averaged over processes by
+    # `_average_gradients`, so a step may run several transformer calls (rows with different attention ranges).
+    optimizer = accelerator.prepare(optimizer)
 
     log_path = Path(args.log_file) if args.log_file else output / "train_log.jsonl"
     if accelerator.is_main_process:
@@ -321,7 +333,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
         if not accelerator.is_main_process:
             return
         folder = output / f"checkpoint-{step}"
-        _save_lora(type(pipe), folder, accelerator.unwrap_model(model))
+        _save_lora(type(pipe), folder, transformer)
         torch.save(optimizer.state_dict(), folder / "optimizer.bin")
         torch.save(lr_scheduler.state_dict(), folder / "scheduler.bin")
         (folder / "training_state.json").write_text(json.dumps({"step": step, "seed": args.seed}))
@@ -337,10 +349,10 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
             position = (micro_step * accelerator.num_processes + accelerator.process_index) * args.batch_size
             batch = _collate(dataset, clip_indices(position, args.batch_size, len(dataset), args.seed), device)
             generator = torch.Generator().manual_seed((args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(transformer):
                 with accelerator.autocast():
                     result = objective(
-                        model,
+                        transformer,
                         batch["latents"],
                         batch["prompt_embeds"],
                         batch["prompt_attention_mask"],
@@ -349,6 +361,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
                     )
                 accelerator.backward(result.loss)
                 if accelerator.sync_gradients:
+                    _average_gradients(parameters, accelerator)
                     accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -371,7 +384,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     # 4. The LoRA (what `pipe.load_lora_weights(output)` reads), a last checkpoint and validation.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_lora(type(pipe), output, accelerator.unwrap_model(model))
+        _save_lora(type(pipe), output, transformer)
         _write_model_card(output, args)
         if args.checkpointing_steps:
             save_checkpoint(global_step)
