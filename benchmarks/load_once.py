@@ -3,6 +3,7 @@ of a released variant, load it with `load_original_transformer`, print one JSON 
 resident memory the load added at its peak (peak RSS after the load minus RSS before it) and the time taken.
 
     python benchmarks/load_once.py 4.5B_base 3 cpu
+    python benchmarks/load_once.py 4.5B_base 3 convert   # magi-convert's streamed conversion into a folder instead
 """
 
 import json
@@ -14,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sparse_checkpoints import write_sparse_checkpoint  # noqa: E402
 
-from diffusers_magi.conversion import load_original_transformer  # noqa: E402
+from diffusers_magi.conversion import convert_original_to_diffusers, load_original_transformer  # noqa: E402
 
 
 def resident_bytes() -> int:
@@ -28,12 +30,23 @@ def resident_bytes() -> int:
 def main(variant: str, num_layers: int, device: str) -> None:
     with tempfile.TemporaryDirectory() as root:
         config, checkpoint_dir, size = write_sparse_checkpoint(variant, Path(root), num_layers=num_layers)
-        if device != "cpu":
+        if device not in ("cpu", "convert"):
             torch.empty(1, device=device)  # the CUDA context is not part of the load
         before = resident_bytes()
         start = time.perf_counter()
-        model = load_original_transformer(config, checkpoint_dir, device=device)
-        if device != "cpu":
+        if device == "convert":
+            special_tokens = Path(root) / "special_tokens.npz"
+            text_dim = config["model_config"]["caption_channels"]
+            np.savez(special_tokens, caption_token=np.zeros((1, text_dim)), logo_token=np.zeros((1, text_dim)),
+                     other_tokens=np.zeros((17, text_dim)))  # fmt: skip
+            folder = convert_original_to_diffusers(
+                Path(root) / "converted", config=config, checkpoint_dir=checkpoint_dir, special_tokens_path=special_tokens
+            )
+            model = None
+            written = sum(path.stat().st_size for path in (Path(folder) / "transformer").glob("*.safetensors"))
+        else:
+            model = load_original_transformer(config, checkpoint_dir, device=device)
+        if device not in ("cpu", "convert"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -44,8 +57,9 @@ def main(variant: str, num_layers: int, device: str) -> None:
             "checkpoint_bytes": size,
             "added_peak_rss_bytes": peak - before,
             "seconds": seconds,
-            "device_peak_bytes": torch.cuda.max_memory_allocated() if device != "cpu" else None,
-            "parameter_devices": sorted({str(tensor.device) for tensor in model.state_dict().values()}),
+            "device_peak_bytes": torch.cuda.max_memory_allocated() if device not in ("cpu", "convert") else None,
+            "parameter_devices": sorted({str(t.device) for t in model.state_dict().values()}) if model else [],
+            "written_bytes": written if model is None else None,
         }
     print(json.dumps(record))
 
