@@ -2,12 +2,18 @@
 loads in a fresh process with nothing imported by hand, and the frame-count rule of `docs/pipelines.md` is the one
 the pipelines apply."""
 
+import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from .conftest import REPO_ROOT
+from diffusers_magi import MagiImageToVideoPipeline, MagiVideoToVideoPipeline
+from diffusers_magi.tiny_random import tiny_random_pipeline
+
+from .conftest import REFERENCE_DIR, REPO_ROOT
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -39,3 +45,45 @@ def test_torchao_messages_are_back_after_import():
         "print(logging.getLogger('torchao').level, logging.getLogger('torch.utils._pytree').level)",
     )
     assert result.stdout.split() == [str(20), "0"], result.stderr
+
+
+def test_offline_generate_says_what_to_do(tmp_path):
+    """The README's `magi-generate` line without network access: one clear error, no traceback."""
+    special_tokens = REFERENCE_DIR / "dit" / "e_sampler_t2v_base" / "special_tokens.npz"
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_magi.cli", "--prompt", "a fox", "--special-tokens-file", str(special_tokens),
+         "--output", str(tmp_path / "fox.mp4")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "could not download sand-ai/MAGI-1" in result.stderr and "--model tiny-random" in result.stderr
+
+
+def _frame_table():
+    """Rows of the table in docs/pipelines.md "How many frames come out": (num_frames, t2v, i2v, v2v)."""
+    text = (REPO_ROOT / "docs" / "pipelines.md").read_text()
+    section = text.split("## How many frames come out", 1)[1]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", section, flags=re.M)
+    assert rows, "the frame table of docs/pipelines.md is missing"
+    return [tuple(int(value) for value in row) for row in rows]
+
+
+@pytest.mark.slow
+def test_frame_count_table_matches_the_pipelines():
+    """Every row of the docs' frame table, computed by running the three pipelines (tiny random weights; the prefix
+    as latents: one latent frame for the image, 8 for a 32-frame video)."""
+    pipe = tiny_random_pipeline()
+    pipelines = {
+        "t2v": (pipe, {}),
+        "i2v": (MagiImageToVideoPipeline.from_pipe(pipe), {"prefix_latents": torch.randn(1, 16, 1, 4, 4)}),
+        "v2v": (MagiVideoToVideoPipeline.from_pipe(pipe), {"prefix_latents": torch.randn(1, 16, 32 // 4, 4, 4)}),
+    }
+    for num_frames, *expected in _frame_table():
+        counts = []
+        for pipeline, prefix in pipelines.values():
+            pipeline.set_progress_bar_config(disable=True)
+            frames = pipeline(prompt="a fox", height=32, width=32, num_frames=num_frames, output_type="pt", **prefix)
+            counts.append(frames.frames.shape[1])
+        assert counts == expected, f"num_frames={num_frames}: pipelines give {counts}, the docs say {expected}"
