@@ -82,7 +82,7 @@ def _worker(args) -> None:
         json.dumps(
             {
                 "frames": frames,
-                "calls": len(pipe.scheduler.plan),
+                "calls": len(pipe.scheduler.make_plan(args.steps, num_chunks=args.worker_chunks)),
                 "seconds": min(seconds),
                 "cpu_seconds": cpu_seconds[seconds.index(min(seconds))],
                 "peak_rss": peak_rss,

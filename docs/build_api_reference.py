@@ -24,12 +24,15 @@ SECTIONS = {
         "MagiVideoToVideoPipeline",
         "MagiPipelineOutput",
         "MagiChunkOutput",
+        "MagiSession",
+        "MagiSessionProgress",
+        "MagiSessionInterrupted",
         "write_video_stream",
     ],
     "Models": ["MagiTransformer3DModel", "MagiKVCache", "AutoencoderMagi"],
     "Scheduler and guidance": ["MagiChunkScheduler", "MagiGuidance"],
 }
-OWN_METHODS_OF = {"MagiImageToVideoPipeline": ["stream"], "MagiVideoToVideoPipeline": ["stream"]}
+OWN_METHODS_OF = {"MagiImageToVideoPipeline": ["__call__"], "MagiVideoToVideoPipeline": ["__call__"]}
 INTERNAL_METHODS = {"register_to_config"}  # overrides of Diffusers plumbing, not user API
 
 

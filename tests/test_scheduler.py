@@ -181,3 +181,40 @@ def test_scheduler_config_round_trip(tmp_path):
     loaded.set_timesteps(12, 5)
     assert loaded.plan == scheduler.plan
     assert "window" in scheduler.describe_plan()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    window_size=st.integers(1, 4),
+    steps_per_stage=st.integers(1, 3),
+    prefix=st.integers(0, 3),
+    reach=st.sampled_from([(5, 4, 3, 2), (3,), (2, 1), (2, 5), ()]),
+    clean_reach=st.sampled_from([1, 2, -1]),
+)
+def test_open_ended_plan_is_the_start_of_every_long_enough_plan(window_size, steps_per_stage, prefix, reach, clean_reach):
+    """An open-ended plan (`num_chunks=None`) makes exactly the calls of a fixed-length plan until that plan's window
+    starts to drain, `forget_chunks_before` included, so a session without `num_frames` equals a long video."""
+    steps = window_size * (len(reach) or 1) * steps_per_stage
+    scheduler = MagiChunkScheduler(window_size=window_size, noise2clean_kvrange=list(reach), clean_chunk_kvrange=clean_reach)
+    open_ended = scheduler.make_plan(steps, num_chunks=None, num_prefix_chunks=prefix)
+    with pytest.raises(TypeError):
+        len(open_ended)
+    long_enough = scheduler.make_plan(steps, num_chunks=prefix + 30, num_prefix_chunks=prefix)
+    compared = int(prefix > 0) + steps_per_stage * 8  # eight stages, far from the drain (and its lookahead)
+    assert [open_ended[index] for index in range(compared)] == list(long_enough)[:compared]
+    # Calls are computed on demand: reading far ahead keeps only a couple of them.
+    far = open_ended[5000]
+    assert far.index == 5000 and len(open_ended._calls) <= 2
+
+
+def test_plans_are_independent_of_the_scheduler_state():
+    scheduler = MagiChunkScheduler()
+    plan = scheduler.make_plan(8, num_chunks=3)
+    scheduler.set_timesteps(16, num_chunks=5)
+    assert plan.num_inference_steps == 8 and len(plan) == 12 and torch.equal(plan.time_grid, scheduler.time_grid_for(8))
+    sample, velocity = torch.randn(1, 16, 12, 2, 2), torch.randn(1, 16, 12, 2, 2)
+    call = plan[2]
+    stepped = scheduler.step(velocity, call, sample, plan=plan).prev_sample
+    other = MagiChunkScheduler()
+    other.set_timesteps(8, num_chunks=3)
+    assert torch.equal(stepped, other.step(velocity, other.plan[2], sample).prev_sample)

@@ -12,6 +12,9 @@ from .pipelines import (
     MagiImageToVideoPipeline,
     MagiPipeline,
     MagiPipelineOutput,
+    MagiSession,
+    MagiSessionInterrupted,
+    MagiSessionProgress,
     MagiVideoToVideoPipeline,
     write_video_stream,
 )
@@ -29,6 +32,9 @@ __all__ = [
     "MagiKVCache",
     "MagiPipeline",
     "MagiPipelineOutput",
+    "MagiSession",
+    "MagiSessionInterrupted",
+    "MagiSessionProgress",
     "MagiTransformer3DModel",
     "MagiVideoToVideoPipeline",
 ]

@@ -179,6 +179,31 @@ class MagiKVCache:
         cache's batch size): all branches read the cached chunks, only `write_branch` writes (batched guidance)."""
         return MagiKVCacheBranchView(self, num_branches, write_branch)
 
+    def copy(self) -> "MagiKVCache":
+        """An independent copy (the tensors cloned), e.g. to branch a generation."""
+        copied = MagiKVCache(len(self.layers), storage_device=self.layers[0].storage_device if self.layers else None)
+        copied.load_state_dict(self.state_dict())
+        return copied
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The cached tensors by name, `layers.<layer>.<chunk>.keys` / `.values` (for saving a generation)."""
+        state = {}
+        for number, layer in enumerate(self.layers):
+            for index, (keys, values) in layer.chunks().items():
+                state[f"layers.{number}.{index}.keys"] = keys
+                state[f"layers.{number}.{index}.values"] = values
+        return state
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Replace the contents by those of a `state_dict()` (copied; moved to the storage device, if set)."""
+        self.layers = [MagiKVCacheLayer(layer.storage_device) for layer in self.layers]
+        chunks: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+        for name, tensor in state.items():
+            _, number, index, kind = name.split(".")
+            chunks.setdefault((int(number), int(index)), {})[kind] = tensor
+        for (number, index), tensors in sorted(chunks.items()):
+            self.layers[number].write(index, tensors["keys"], tensors["values"], num_chunks=1)
+
     def nbytes(self) -> int:
         """Bytes held by the cached tensors, all layers together."""
         return sum(layer.nbytes() for layer in self.layers)

@@ -1,38 +1,36 @@
-"""`MagiPipeline`: MAGI-1 text-to-video, and the chunk-wise generation loop shared with image- and video-to-video.
+"""`MagiPipeline`: MAGI-1 text-to-video, and the argument checks and preparation shared with image- and video-to-video.
 
-Reading order of one call: `stream` -> `check_inputs` -> `_prepare` (T5 captions, `_prefix_latents` for I2V/V2V)
--> `_generate_chunks` (the loop over the scheduler's plan: captions of the window -> guidance -> Euler step -> hand
-out final chunks) -> `_postprocess_chunk` (each chunk decoded on its own). `stream()` yields every chunk as soon as
-it is final; `__call__` collects them.
+Reading order of one call: `__call__` / `stream` / `start_session` -> `_session_from_arguments` (`check_inputs`,
+T5 captions, `_prefix_latents` for I2V/V2V) -> a `MagiSession` (session_magi.py), which runs the scheduler's plan
+chunk by chunk (captions of the window -> guidance -> Euler step -> hand out final chunks) -> `_postprocess_chunk`
+(each chunk decoded on its own). The pipeline holds no state of a generation: every generation is its own session.
 """
 
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils import logging, replace_example_docstring
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..loaders.lora_magi import MagiLoraLoaderMixin
 from ..models.autoencoder_magi import AutoencoderMagi
-from ..models.kv_cache_magi import MagiKVCache
-from ..models.transformer_magi import MagiLearnedTokens, MagiTransformer3DModel
+from ..models.transformer_magi import MagiTransformer3DModel
 from ..models.weight_alignment import own_cpu_weights
 from ..placement import check_device
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .guidance_magi import GUIDANCE_MODES, MagiGuidance
 from .offloading_magi import MagiOffloadingMixin
 from .pipeline_output import MagiChunkOutput, MagiPipelineOutput
+from .session_magi import MagiSession, MagiSessionSettings, active_session
 from .text_conditioning_magi import (
     DEFAULT_SPECIAL_TOKENS,
-    chunk_caption_rows,
     clean_prompt,
     negative_caption_rows,
     resolve_chunk_prompts,
@@ -48,25 +46,20 @@ TEMPORAL_COMPRESSION = 4
 SIZE_MULTIPLE = 16
 
 
-@dataclass
-class _Generation:
-    """Everything one generation needs once the inputs are checked and encoded."""
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> import diffusers_magi  # noqa: F401  (registers the MAGI-1 classes with Diffusers)
+        >>> from diffusers import DiffusionPipeline
+        >>> from diffusers_magi.pipelines import export_to_video
 
-    captions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # unique embeds (K, L, C), masks (K, L), rows (B, D)
-    learned_tokens: MagiLearnedTokens  # the transformer's special tokens and null caption, read once
-    negative: Tuple[torch.Tensor, torch.Tensor]  # unconditional caption (B, L, C), mask (B, L)
-    prefix_latents: Optional[torch.Tensor]  # (B, C, prefix_frames, h, w)
-    batch_size: int
-    num_chunks: int
-    latent_size: Tuple[int, int]
-    num_inference_steps: int
-    guidance: MagiGuidance
-    special_tokens: Tuple[str, ...]
-    output_type: str
-
-    @property
-    def prefix_frames(self) -> int:
-        return 0 if self.prefix_latents is None else self.prefix_latents.shape[2]
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/MAGI-1-4.5B-distill-diffusers", dtype=torch.bfloat16)
+        >>> pipe.enable_model_cpu_offload()  # one 24 GB GPU
+        >>> video = pipe(prompt="a red fox runs through fresh snow", height=480, width=480, num_frames=96).frames[0]
+        >>> export_to_video(video, "fox.mp4", fps=24)
+        ```
+"""
 
 
 class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
@@ -90,7 +83,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
@@ -213,7 +206,25 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
 
     @property
     def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
+        """Whether the generation running in this thread was interrupted. Setting it (e.g. `pipeline._interrupt =
+        True` or `pipeline.interrupt = True` in a `callback_on_step_end`, as with Diffusers pipelines) interrupts that
+        generation only; other sessions on this pipeline go on. Outside a generation it is `False`."""
+        session = active_session()
+        return session is not None and session.pipeline is self and session.interrupted
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        session = active_session()
+        if session is None or session.pipeline is not self:
+            if value:
+                raise ValueError(
+                    "pipeline.interrupt can only be set by code running inside a generation (a callback); to stop a "
+                    "session from elsewhere call session.interrupt()."
+                )
+            return
+        session.interrupt() if value else session.resume()
+
+    _interrupt = interrupt
 
     # --------------------------------------------------------------------------------------------------------------
     # Text
@@ -252,42 +263,68 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         return embeds.float().to(device), tokens.attention_mask.to(device)
 
     def _caption_bank(
-        self, prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated_chunks: int, device
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unique caption embeddings `(K, L, C)`, their masks `(K, L)` and, for each (video, generated chunk), the
-        index of its caption `(videos, num_generated_chunks)`. Keeping captions unique keeps memory independent of
-        video length."""
+        self, prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated_chunks: Optional[int], device
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, torch.Tensor]]]:
+        """Unique caption embeddings `(K, L, C)`, their masks `(K, L)`, and the prompt switches: from which generated
+        chunk on each video uses which caption, `[(first_chunk, caption index per video (videos,)), ...]`. Keeping
+        captions unique keeps memory independent of video length. `num_generated_chunks=None`: open-ended."""
         if prompt_embeds is not None:
             if prompt_embeds.ndim == 3:
-                rows = torch.arange(prompt_embeds.shape[0])[:, None].expand(-1, num_generated_chunks)
-                return prompt_embeds.float().to(device), prompt_attention_mask.to(device), rows
-            rows = torch.arange(prompt_embeds.shape[0] * num_generated_chunks).view(-1, num_generated_chunks)
-            return prompt_embeds.flatten(0, 1).float().to(device), prompt_attention_mask.flatten(0, 1).to(device), rows
+                rows = torch.arange(prompt_embeds.shape[0])
+                return prompt_embeds.float().to(device), prompt_attention_mask.to(device), [(0, rows)]
+            videos, chunks = prompt_embeds.shape[:2]
+            rows = torch.arange(videos * chunks).view(videos, chunks)
+            switches = [(chunk, rows[:, chunk]) for chunk in range(chunks)]
+            return prompt_embeds.flatten(0, 1).float().to(device), prompt_attention_mask.flatten(0, 1).to(device), switches
 
         if chunk_prompts is not None:
             per_video = chunk_prompts if _is_batch_of_chunk_prompts(chunk_prompts) else [chunk_prompts]
-            per_chunk = [resolve_chunk_prompts(prompts, num_generated_chunks) for prompts in per_video]
+            schedules = [_prompt_schedule(prompts, num_generated_chunks) for prompts in per_video]
         else:
-            per_chunk = [[text] * num_generated_chunks for text in ([prompt] if isinstance(prompt, str) else prompt)]
-        unique = sorted({text for texts in per_chunk for text in texts})
+            schedules = [{0: text} for text in ([prompt] if isinstance(prompt, str) else prompt)]
+        unique = sorted({text for schedule in schedules for text in schedule.values()})
         embeds, mask = self.encode_prompt(unique, device)
-        return embeds, mask, torch.tensor([[unique.index(text) for text in texts] for texts in per_chunk])
+        switch_chunks = sorted({chunk for schedule in schedules for chunk in schedule})
+        switches = [
+            (chunk, torch.tensor([unique.index(_prompt_at(schedule, chunk)) for schedule in schedules]))
+            for chunk in switch_chunks
+        ]
+        return embeds, mask, switches
 
-    def _window_captions(
-        self, generation: _Generation, generated_chunks: Sequence[int], num_generated_chunks: int
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Conditional caption rows `(batch, chunks, L, C)` of the given generated chunks, special tokens included."""
-        embeds_bank, mask_bank, rows = generation.captions
-        indices = rows[:, list(generated_chunks)]
-        return chunk_caption_rows(
-            generation.learned_tokens,
-            embeds_bank[indices],
-            mask_bank[indices],
-            generation.special_tokens,
-            chunk_indices=generated_chunks,
-            num_generated_chunks=num_generated_chunks,
-            negative=generation.negative,
-        )
+    def _encode_switch_prompt(
+        self, prompt, prompt_embeds, prompt_attention_mask, num_videos: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A new prompt of a session (`MagiSession.set_prompt`): its embeddings `(n, L, C)`, masks `(n, L)` and, per
+        video, the index of its embedding `(num_videos,)`. Checked before anything is changed."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("set_prompt needs exactly one of prompt (text) and prompt_embeds (with prompt_attention_mask).")
+        if prompt is not None:
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
+                raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
+            if len(texts) not in (1, num_videos):
+                raise ValueError(f"prompt has {len(texts)} texts for {num_videos} videos; pass one, or one per video.")
+            if any(not text.strip() for text in texts):
+                raise ValueError("prompt must not be empty; give the text the next chunks should follow.")
+            embeds, mask = self.encode_prompt(list(texts), self._execution_device)
+        else:
+            if prompt_attention_mask is None:
+                raise ValueError("prompt_embeds needs its prompt_attention_mask.")
+            text_dim = self.transformer.config.text_dim
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != text_dim or prompt_embeds.shape[0] not in (1, num_videos):
+                raise ValueError(
+                    f"prompt_embeds must be (1 or {num_videos}, text_length, {text_dim}), got {tuple(prompt_embeds.shape)}."
+                )
+            if tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:-1]):
+                raise ValueError(
+                    f"prompt_attention_mask must have shape {tuple(prompt_embeds.shape[:-1])}, got "
+                    f"{tuple(prompt_attention_mask.shape)}."
+                )
+            if not torch.isfinite(prompt_embeds).all():
+                raise ValueError("prompt_embeds holds NaN or infinite values.")
+            embeds, mask = prompt_embeds.float().to(self._execution_device), prompt_attention_mask.to(self._execution_device)
+        video_rows = torch.arange(num_videos) if embeds.shape[0] == num_videos else torch.zeros(num_videos, dtype=torch.long)
+        return embeds, mask, video_rows
 
     # --------------------------------------------------------------------------------------------------------------
     # Checks and preparation
@@ -313,7 +350,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                 f"height and width must be positive multiples of {SIZE_MULTIPLE} (VAE 8x, transformer patch 2x), got "
                 f"height={height}, width={width}."
             )
-        if not isinstance(num_frames, int) or num_frames < 1:
+        if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
             raise ValueError(f"num_frames must be a positive integer (frames to generate), got {num_frames!r}.")
         self.scheduler._check_step_count(num_inference_steps)
         given = [name for name, value in (("prompt", prompt), ("chunk_prompts", chunk_prompts)) if value is not None]
@@ -382,8 +419,11 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             raise ValueError(f"prefix_latents has batch {prefix_latents.shape[0]}, expected 1 or {num_videos}.")
         return prefix_latents.expand(num_videos, -1, -1, -1, -1).float()
 
-    def _num_chunks(self, num_frames: int, prefix_frames: int) -> int:
-        """Latent chunks of the whole video: `ceil((num_frames // 4 + prefix latent frames) / chunk_width)`."""
+    def _num_chunks(self, num_frames: Optional[int], prefix_frames: int) -> Optional[int]:
+        """Latent chunks of the whole video: `ceil((num_frames // 4 + prefix latent frames) / chunk_width)`; `None`
+        for an open-ended session (`num_frames=None`)."""
+        if num_frames is None:
+            return None
         num_chunks = math.ceil((num_frames // TEMPORAL_COMPRESSION + prefix_frames) / self.chunk_width)
         if num_chunks <= prefix_frames // self.chunk_width:
             raise ValueError(
@@ -391,105 +431,6 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                 f"for at least {TEMPORAL_COMPRESSION} frames (a chunk is {TEMPORAL_COMPRESSION * self.chunk_width})."
             )
         return num_chunks
-
-    # --------------------------------------------------------------------------------------------------------------
-    # The chunk-wise generation loop
-    # --------------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _generate_chunks(
-        self,
-        generation: _Generation,
-        generator,
-        latents: Optional[torch.Tensor],
-        kv_cache_device,
-        callback_on_step_end,
-        attention_kwargs,
-        device: torch.device,
-    ) -> Iterator[Tuple[int, torch.Tensor]]:
-        """Run the scheduler's plan; yield `(generated_chunk_index, final latents)` as each chunk becomes final."""
-        transformer, scheduler, guidance = self.transformer, self.scheduler, generation.guidance
-        width = self.chunk_width
-        prefix_latents, prefix_frames = generation.prefix_latents, generation.prefix_frames
-        num_prefix_chunks = prefix_frames // width
-        num_generated = generation.num_chunks - num_prefix_chunks
-        batch_size = generation.batch_size
-        scheduler.set_timesteps(generation.num_inference_steps, generation.num_chunks, num_prefix_chunks, device=device)
-        cache = MagiKVCache(transformer.config.num_layers, storage_device=kv_cache_device)
-        chunk_shape = (batch_size, transformer.latent_channels, width, *generation.latent_size)
-
-        chunk_latents: Dict[int, torch.Tensor] = {
-            chunk: prefix_latents[:, :, chunk * width : (chunk + 1) * width] for chunk in range(num_prefix_chunks)
-        }
-        next_new_chunk = num_prefix_chunks
-        with self.progress_bar(total=len(scheduler.plan)) as progress_bar:
-            for call in scheduler.plan:
-                if self.interrupt:
-                    break
-                window_end = call.first_chunk + call.num_chunks
-                for chunk in [chunk for chunk in chunk_latents if chunk < call.first_chunk]:
-                    del chunk_latents[chunk]  # no later call reads it
-                while next_new_chunk < window_end:  # chunks enter the window as noise
-                    chunk_latents[next_new_chunk] = self._initial_noise(next_new_chunk, chunk_shape, latents, generator, device)
-                    next_new_chunk += 1
-                window = torch.cat([chunk_latents[chunk] for chunk in range(call.first_chunk, window_end)], dim=2)
-                window = self._paste_prefix(window, call.first_chunk * width, prefix_latents)
-
-                timestep = scheduler.call_timesteps(call)[None].expand(batch_size, -1)
-                negative = _expand_chunks(*generation.negative, call.num_chunks)
-                common = dict(
-                    first_chunk_index=call.first_chunk,
-                    attention_chunk_starts=call.attention_starts,
-                    kv_cache=cache,
-                    step_size=scheduler.shortcut_step_size(call) if transformer.config.step_size_conditioning else None,
-                    attention_kwargs=attention_kwargs,
-                )
-                if call.is_prefix_call:
-                    guidance.cache_clean_chunks(transformer, window, timestep, *negative, **common)
-                else:
-                    generated_chunks = [chunk - num_prefix_chunks for chunk in range(call.first_chunk, window_end)]
-                    captions = self._window_captions(generation, generated_chunks, num_generated)
-                    velocity = guidance.predict_velocity(
-                        transformer, window, timestep, *captions, *negative, num_clean_chunks=call.num_clean_chunks, **common
-                    )
-                    denoised = scheduler.step(velocity, call, window[:, :, call.num_clean_chunks * width :]).prev_sample
-                    if callback_on_step_end is not None:
-                        outputs = callback_on_step_end(self, call.index, timestep[0], {"latents": denoised})
-                        denoised = outputs.get("latents", denoised)
-                    for offset, chunk in enumerate(call.denoised_chunks):
-                        chunk_latents[chunk] = denoised[:, :, offset * width : (offset + 1) * width]
-                cache.drop_chunks_before(call.forget_chunks_before)
-                progress_bar.update()
-
-                if call.finished_chunk is not None:
-                    chunk = call.finished_chunk
-                    first_frame = self._first_output_frame(chunk, prefix_frames)
-                    yield chunk - num_prefix_chunks, chunk_latents[chunk][:, :, first_frame:]
-
-    def _initial_noise(self, chunk: int, shape, latents: Optional[torch.Tensor], generator, device) -> torch.Tensor:
-        """Starting noise of `chunk`: its slice of the given `latents`, else a fresh draw (chunk by chunk, so memory
-        does not depend on video length)."""
-        if latents is not None:
-            return latents[:, :, chunk * self.chunk_width : (chunk + 1) * self.chunk_width].to(device, torch.float32)
-        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-
-    @staticmethod
-    def _paste_prefix(window: torch.Tensor, window_start: int, prefix_latents: Optional[torch.Tensor]) -> torch.Tensor:
-        """Overwrite the frames of the window that lie inside the prefix with the prefix latents (before every call;
-        the Euler step then starts from them)."""
-        if prefix_latents is None or prefix_latents.shape[2] <= window_start:
-            return window
-        count = min(prefix_latents.shape[2] - window_start, window.shape[2])
-        window = window.clone()
-        window[:, :, :count] = prefix_latents[:, :, window_start : window_start + count]
-        return window
-
-    def _first_output_frame(self, chunk: int, prefix_frames: int) -> int:
-        """First latent frame of a final chunk that is handed out: frames of a video prefix are left out, except the
-        first frame of image-to-video chunk 0 (the image, regenerated)."""
-        if chunk == 0 and prefix_frames == 1:
-            return 0
-        start = chunk * self.chunk_width
-        return max(start, prefix_frames) - start
 
     # --------------------------------------------------------------------------------------------------------------
     # Decoding
@@ -521,14 +462,16 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
     # --------------------------------------------------------------------------------------------------------------
     # Entry points
     # --------------------------------------------------------------------------------------------------------------
-    def stream(
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
         chunk_prompts: Union[List[str], Dict[int, str], List[Union[List[str], Dict[int, str]]], None] = None,
         negative_prompt: Union[str, List[str], None] = None,
         height: int = 720,
         width: int = 720,
-        num_frames: int = 96,
+        num_frames: Optional[int] = 96,
         num_inference_steps: Optional[int] = None,
         guidance_mode: Optional[str] = None,
         cfg_t_range: Optional[Sequence[float]] = None,
@@ -549,17 +492,163 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
         attention_kwargs: Optional[Dict[str, Any]] = None,
-        **prefix_kwargs,
-    ) -> Iterator[MagiChunkOutput]:
+        return_dict: bool = True,
+    ) -> Union[MagiPipelineOutput, Tuple]:
+        r"""
+        Generate a video. `stream` (chunks as they are final) and `start_session` (a generation to steer, save and
+        branch) take the same arguments.
+
+        Args:
+            prompt (`str` or `List[str]`): one prompt per video (a list makes a batch); every chunk uses it.
+            chunk_prompts (`List[str]`, `Dict[int, str]`, or a list of those per video): one prompt per generated
+                chunk, or a schedule `{first_chunk: prompt}` whose prompts hold until the next key (scene
+                transitions). Each chunk is conditioned on its own text.
+            negative_prompt (`str` or `List[str]`, *optional*): replaces the learned null caption in the
+                unconditional passes of three-branch guidance.
+            height, width (`int`, defaults to 720): video size in pixels, multiples of 16.
+            num_frames (`int`, defaults to 96): frames to generate after any prefix. Generation runs in whole chunks
+                of 24 frames: `ceil((num_frames // 4 + prefix latent frames) / 6)` chunks, as the original counts
+                (see the frame-count table in docs/pipelines.md). `start_session` defaults to `None`: open-ended.
+            num_inference_steps (`int`, *optional*): steps every chunk takes; a multiple of the window size and of
+                the number of noise bands (default from the pipeline config).
+            guidance_mode (`str`, *optional*): `"three_branch"` or `"distilled"` (default from the config).
+            cfg_t_range, prev_chunk_scales, text_scales (`Sequence[float]`, *optional*): three-branch guidance table:
+                band edges in time (0 = noise) and, per band, the scales towards earlier chunks and towards the text.
+            nearly_clean_weight (`float`, *optional*): distilled: weight of the normal velocity of a nearly clean
+                first chunk (0.7).
+            special_tokens (`Sequence[str]`, defaults to `("hq", "duration")`): learned tokens prepended to each
+                chunk's caption: `hq`, `duration`, `static_first_frames`, `dynamic_first_frames`, `borderness`,
+                `three_d_model`, `two_d_anime`. `None` or `()` for none. In an open-ended session every chunk is told
+                that many chunks follow.
+            negative_special_tokens (`bool`, defaults to `False`): prepend the negative tokens (caption, logo,
+                transition, borderness) to the unconditional caption.
+            num_videos_per_prompt (`int`, defaults to 1): videos per prompt.
+            generator (`torch.Generator` or list, *optional*): drives the initial noise (drawn chunk by chunk); a list
+                needs one generator per video. Without one, the session seeds its own from torch's global generator.
+            latents (`torch.Tensor`, *optional*): initial noise of the whole video, `(batch, 16, chunks * 6, h, w)`.
+            prompt_embeds (`torch.Tensor`, *optional*): T5 embeddings `(batch, 800, 4096)` or per chunk
+                `(batch, chunks, 800, 4096)`, with `prompt_attention_mask` `(batch, 800)` / `(batch, chunks, 800)`.
+            negative_prompt_embeds, negative_prompt_attention_mask: `(batch, 800, 4096)` and `(batch, 800)`.
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pil"`, `"pt"` or `"latent"`.
+            kv_cache_device (`str` or `torch.device`, *optional*): keep the KV cache there (e.g. `"cpu"`, the
+                original's `kv_offload`); each layer moves its cached chunks to the compute device when it reads them.
+            callback_on_step_end (`Callable`, *optional*): called after every transformer call as
+                `callback(pipe, call_index, timesteps, tensors)` with the requested tensors (the denoised chunks of
+                the call as `latents`, their caption rows as `prompt_embeds` `(batch, chunks, L, C)`, the
+                unconditional caption rows as `negative_prompt_embeds`); returns a dict, whose `latents` (same shape)
+                replace the denoised chunks. Setting `pipe._interrupt = True` in it stops this generation.
+            callback_on_step_end_tensor_inputs (`List[str]`, *optional*): tensors passed to the callback, from
+                `_callback_tensor_inputs` (default `["latents"]`).
+            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. `{"scale": 0.8}` for LoRA).
+            return_dict (`bool`, defaults to `True`): return a `MagiPipelineOutput` instead of a tuple.
+
+        Examples:
+
+        Returns:
+            [`MagiPipelineOutput`] (or a tuple) with `frames`.
+        """
+        return self._generate((), {name: value for name, value in locals().items() if name != "self"})
+
+    def _generate(self, args: tuple, kwargs: dict) -> Union[MagiPipelineOutput, Tuple]:
+        arguments, _ = self._bind_arguments(args, kwargs)
+        return_dict = arguments.pop("return_dict")
+        session = self._session_from_arguments(arguments)
+        chunks = [chunk.frames for chunk in session.chunks()]
+        self.maybe_free_model_hooks()
+        if not chunks:
+            raise RuntimeError(
+                "The generation was interrupted before its first chunk was final, so there are no frames to return; "
+                "interrupt later, or use start_session / stream to get chunks as they are made."
+            )
+        frames = self._concatenate(chunks, session.settings.output_type)
+        if not return_dict:
+            return (frames,)
+        return MagiPipelineOutput(frames=frames)
+
+    def stream(self, *args, **kwargs) -> Iterator[MagiChunkOutput]:
         r"""
         Generate a video chunk by chunk and yield each chunk (decoded unless `output_type="latent"`) as soon as it is
-        final; memory does not grow with the number of chunks. Takes the arguments of `__call__` (inputs are checked
-        and encoded at once; generation runs as the iterator is consumed).
+        final; memory does not grow with the number of chunks. Takes the arguments of `__call__` except
+        `return_dict`; inputs are checked and encoded at once, generation runs as the iterator is consumed. It ends
+        early (without error) when the generation is interrupted.
 
         Yields:
             [`MagiChunkOutput`] with `chunk_index` and `frames` (24 frames per chunk; fewer for a chunk that overlaps
             a video prefix).
         """
+        arguments, _ = self._bind_arguments(args, kwargs)
+        arguments.pop("return_dict")
+        return self._stream_session(self._session_from_arguments(arguments))
+
+    def _stream_session(self, session: MagiSession) -> Iterator[MagiChunkOutput]:
+        yield from session.chunks()
+        self.maybe_free_model_hooks()
+
+    def start_session(self, *args, **kwargs) -> MagiSession:
+        r"""
+        Start a generation that the caller drives chunk by chunk (`next_chunk`, `chunks`), steers (`set_prompt`),
+        saves (`save`) and branches (`fork`); see [`MagiSession`] and docs/sessions.md.
+
+        Takes the arguments of `__call__` except `return_dict`. Without `num_frames` the session is open-ended (it
+        goes on as long as chunks are asked for); with it, it makes exactly the video `pipe(num_frames=...)` makes.
+        Inputs are checked and encoded at once.
+        """
+        arguments, given = self._bind_arguments(args, kwargs)
+        arguments.pop("return_dict")
+        if "num_frames" not in given:
+            arguments["num_frames"] = None
+        return self._session_from_arguments(arguments)
+
+    def resume_session(
+        self,
+        path: Union[str, os.PathLike],
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
+    ) -> MagiSession:
+        r"""
+        Continue a session saved with `session.save(path)` (in this process or another): the continued video equals
+        the uninterrupted one bit for bit. Loading one state twice gives two independent branches.
+
+        Args:
+            path (`str` or `os.PathLike`): the file `session.save` wrote.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in `__call__` (callbacks are not saved).
+
+        Raises:
+            `ValueError`: the file is missing, corrupt or truncated, or was saved by a different model or config (the
+            message names the mismatch).
+        """
+        from .session_state_magi import load_session_state
+
+        return load_session_state(self, path, callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+    def _bind_arguments(self, args: tuple, kwargs: dict) -> Tuple[Dict[str, Any], set]:
+        """The arguments of a call by name, defaults applied (against the signature of this class's `__call__`, so
+        `stream` and `start_session` take exactly its arguments), and the names the caller gave."""
+        signature = inspect.signature(type(self).__call__)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}: {error}") from None
+        given = set(bound.arguments)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        return arguments, given
+
+    def _session_from_arguments(self, arguments: Dict[str, Any]) -> MagiSession:
+        """Check the arguments of a call, encode its captions and prefix, and return its session (nothing runs yet)."""
+        prefix_kwargs = {name: arguments.pop(name) for name in self._prefix_argument_names}
+        prompt, chunk_prompts = arguments["prompt"], arguments["chunk_prompts"]
+        prompt_embeds, prompt_attention_mask = arguments["prompt_embeds"], arguments["prompt_attention_mask"]
+        negative_prompt = arguments["negative_prompt"]
+        negative_prompt_embeds = arguments["negative_prompt_embeds"]
+        negative_prompt_attention_mask = arguments["negative_prompt_attention_mask"]
+        height, width, num_frames = arguments["height"], arguments["width"], arguments["num_frames"]
+        latents, generator = arguments["latents"], arguments["generator"]
+        num_videos_per_prompt, output_type = arguments["num_videos_per_prompt"], arguments["output_type"]
+        callback_on_step_end = arguments["callback_on_step_end"]
+        callback_on_step_end_tensor_inputs = arguments["callback_on_step_end_tensor_inputs"]
+        num_inference_steps = arguments["num_inference_steps"]
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -579,29 +668,48 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        guidance = self._guidance(guidance_mode, cfg_t_range, prev_chunk_scales, text_scales, nearly_clean_weight)
-        special_tokens = validate_special_tokens(special_tokens)
+        guidance = self._guidance(
+            arguments["guidance_mode"],
+            arguments["cfg_t_range"],
+            arguments["prev_chunk_scales"],
+            arguments["text_scales"],
+            arguments["nearly_clean_weight"],
+        )
+        special_tokens = validate_special_tokens(arguments["special_tokens"])
         if guidance.mode == "distilled" and (negative_prompt is not None or negative_prompt_embeds is not None):
             logger.warning("Distilled guidance runs no unconditional pass: the negative prompt has no effect.")
+        kv_cache_device = arguments["kv_cache_device"]
         if kv_cache_device is not None:
-            kv_cache_device = check_device(kv_cache_device, "kv_cache_device")
-        self._interrupt = False
+            kv_cache_device = str(check_device(kv_cache_device, "kv_cache_device"))
+        if not isinstance(num_videos_per_prompt, int) or isinstance(num_videos_per_prompt, bool) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}.")
         device = self._execution_device
 
         num_videos = _count_videos(prompt, chunk_prompts, prompt_embeds)
         batch_size = num_videos * num_videos_per_prompt
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but the batch has {batch_size} videos "
+                f"({num_videos} prompts x num_videos_per_prompt={num_videos_per_prompt}); pass one generator per video "
+                "or a single generator."
+            )
         with torch.no_grad():
             prefix_latents = self._prefix_latents(num_videos, height, width, device, **prefix_kwargs)
         prefix_frames = 0 if prefix_latents is None else prefix_latents.shape[2]
         num_chunks = self._num_chunks(num_frames, prefix_frames)
-        num_generated = num_chunks - prefix_frames // self.chunk_width
+        num_generated = None if num_chunks is None else num_chunks - prefix_frames // self.chunk_width
         latent_size = (height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
-        expected = (batch_size, self.transformer.latent_channels, num_chunks * self.chunk_width, *latent_size)
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(
-                f"latents must be the initial noise of the whole video, shape {expected} (batch, channels, {num_chunks} "
-                f"chunks x {self.chunk_width} frames, height / 8, width / 8), got {tuple(latents.shape)}."
-            )
+        if num_chunks is None:
+            for name, value in (("latents", latents), ("per-chunk prompt_embeds", prompt_embeds if prompt_embeds is not None and prompt_embeds.ndim == 4 else None)):
+                if value is not None:
+                    raise ValueError(f"An open-ended session (no num_frames) cannot take {name}, which fix the video length; pass num_frames.")
+        elif latents is not None:
+            expected = (batch_size, self.transformer.latent_channels, num_chunks * self.chunk_width, *latent_size)
+            if tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"latents must be the initial noise of the whole video, shape {expected} (batch, channels, "
+                    f"{num_chunks} chunks x {self.chunk_width} frames, height / 8, width / 8), got {tuple(latents.shape)}."
+                )
         if prompt_embeds is not None and prompt_embeds.ndim == 4 and prompt_embeds.shape[1] != num_generated:
             raise ValueError(
                 f"Per-chunk prompt_embeds has {prompt_embeds.shape[1]} chunks but the video has {num_generated} "
@@ -611,7 +719,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         with torch.no_grad():
             # Read through a call of the module, so that offloading hooks place the learned tensors first.
             learned_tokens = self.transformer.caption_tokens()
-            embeds, masks, rows = self._caption_bank(
+            embeds, masks, switches = self._caption_bank(
                 prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated, device
             )
             if negative_prompt is not None:
@@ -624,84 +732,39 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             negative = negative_caption_rows(
                 learned_tokens,
                 num_videos,
-                negative_special_tokens,
+                arguments["negative_special_tokens"],
                 negative_prompt_embeds.to(device) if negative_prompt_embeds is not None else None,
                 negative_prompt_attention_mask.to(device) if negative_prompt_attention_mask is not None else None,
             )
         repeat = num_videos_per_prompt
-        generation = _Generation(
-            captions=(embeds, masks, rows.repeat_interleave(repeat, dim=0)),
-            learned_tokens=learned_tokens,
-            negative=(negative[0].to(device).repeat_interleave(repeat, 0), negative[1].to(device).repeat_interleave(repeat, 0)),
-            prefix_latents=None if prefix_latents is None else prefix_latents.repeat_interleave(repeat, dim=0),
+        settings = MagiSessionSettings(
             batch_size=batch_size,
             num_chunks=num_chunks,
+            num_prefix_frames=prefix_frames,
             latent_size=latent_size,
             num_inference_steps=num_inference_steps,
-            guidance=guidance,
+            guidance=asdict(guidance),
             special_tokens=special_tokens,
+            num_videos_per_prompt=repeat,
             output_type=output_type,
+            kv_cache_device=kv_cache_device,
+            attention_kwargs=arguments["attention_kwargs"],
         )
-        return self._stream(generation, generator, latents, kv_cache_device, callback_on_step_end, attention_kwargs, device)
+        return MagiSession(
+            self,
+            settings,
+            captions=(embeds, masks),
+            caption_switches=[(chunk, rows.repeat_interleave(repeat, dim=0)) for chunk, rows in switches],
+            negative=(negative[0].to(device).repeat_interleave(repeat, 0), negative[1].to(device).repeat_interleave(repeat, 0)),
+            prefix_latents=None if prefix_latents is None else prefix_latents.repeat_interleave(repeat, dim=0),
+            generators=_session_generators(generator, device),
+            latents=latents,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
-    def _stream(self, generation, generator, latents, kv_cache_device, callback, attention_kwargs, device):
-        for chunk_index, chunk in self._generate_chunks(
-            generation, generator, latents, kv_cache_device, callback, attention_kwargs, device
-        ):
-            with torch.no_grad():
-                frames = self._postprocess_chunk(chunk, generation.output_type)
-            yield MagiChunkOutput(chunk_index=chunk_index, frames=frames)
-        self.maybe_free_model_hooks()
-
-    def __call__(self, *args, return_dict: bool = True, **kwargs) -> Union[MagiPipelineOutput, Tuple]:
-        r"""
-        Generate a video.
-
-        Args:
-            prompt (`str` or `List[str]`): one prompt per video (a list makes a batch); every chunk uses it.
-            chunk_prompts (`List[str]`, `Dict[int, str]`, or a list of those per video): one prompt per generated
-                chunk, or a schedule `{first_chunk: prompt}` whose prompts hold until the next key (scene
-                transitions). Each chunk is conditioned on its own text.
-            negative_prompt (`str` or `List[str]`, *optional*): replaces the learned null caption in the
-                unconditional passes of three-branch guidance.
-            height, width (`int`, defaults to 720): video size in pixels, multiples of 16.
-            num_frames (`int`, defaults to 96): frames to generate after any prefix. Generation runs in whole chunks
-                of 24 frames: `ceil((num_frames // 4 + prefix latent frames) / 6)` chunks, as the original counts.
-            num_inference_steps (`int`, *optional*): steps every chunk takes; a multiple of the window size and of
-                the number of noise bands (default from the pipeline config).
-            guidance_mode (`str`, *optional*): `"three_branch"` or `"distilled"` (default from the config).
-            cfg_t_range, prev_chunk_scales, text_scales (`Sequence[float]`, *optional*): three-branch guidance table:
-                band edges in time (0 = noise) and, per band, the scales towards earlier chunks and towards the text.
-            nearly_clean_weight (`float`, *optional*): distilled: weight of the normal velocity of a nearly clean
-                first chunk (0.7).
-            special_tokens (`Sequence[str]`, defaults to `("hq", "duration")`): learned tokens prepended to each
-                chunk's caption: `hq`, `duration`, `static_first_frames`, `dynamic_first_frames`, `borderness`,
-                `three_d_model`, `two_d_anime`. `None` or `()` for none.
-            negative_special_tokens (`bool`, defaults to `False`): prepend the negative tokens (caption, logo,
-                transition, borderness) to the unconditional caption.
-            num_videos_per_prompt (`int`, defaults to 1): videos per prompt.
-            generator (`torch.Generator` or list, *optional*): drives the initial noise (drawn chunk by chunk).
-            latents (`torch.Tensor`, *optional*): initial noise of the whole video, `(batch, 16, chunks * 6, h, w)`.
-            prompt_embeds (`torch.Tensor`, *optional*): T5 embeddings `(batch, 800, 4096)` or per chunk
-                `(batch, chunks, 800, 4096)`, with `prompt_attention_mask` `(batch, 800)` / `(batch, chunks, 800)`.
-            negative_prompt_embeds, negative_prompt_attention_mask: `(batch, 800, 4096)` and `(batch, 800)`.
-            output_type (`str`, defaults to `"np"`): `"np"`, `"pil"`, `"pt"` or `"latent"`.
-            return_dict (`bool`, defaults to `True`): return a `MagiPipelineOutput` instead of a tuple.
-            kv_cache_device (`str` or `torch.device`, *optional*): keep the KV cache there (e.g. `"cpu"`, the
-                original's `kv_offload`); each layer moves its cached chunks to the compute device when it reads them.
-            callback_on_step_end (`Callable`, *optional*): called after every transformer call as
-                `callback(pipe, call_index, timesteps, {"latents": denoised_chunks})`; may return new `latents`.
-            callback_on_step_end_tensor_inputs (`List[str]`, *optional*): tensors passed to the callback.
-            attention_kwargs (`dict`, *optional*): passed to the transformer.
-
-        Returns:
-            [`MagiPipelineOutput`] (or a tuple) with `frames`.
-        """
-        output_type = kwargs.get("output_type", "np")
-        frames = self._concatenate([chunk.frames for chunk in self.stream(*args, **kwargs)], output_type)
-        if not return_dict:
-            return (frames,)
-        return MagiPipelineOutput(frames=frames)
+    # Arguments of `__call__` that only the image- and video-to-video pipelines take (their prefix).
+    _prefix_argument_names: Tuple[str, ...] = ()
 
 
 def _input_device(module: torch.nn.Module, execution_device: torch.device) -> torch.device:
@@ -723,6 +786,47 @@ def _count_videos(prompt, chunk_prompts, prompt_embeds) -> int:
     return 1 if isinstance(prompt, str) else len(prompt)
 
 
-def _expand_chunks(embeds: torch.Tensor, mask: torch.Tensor, num_chunks: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One caption `(batch, L, C)` / `(batch, L)` repeated for `num_chunks` chunks."""
-    return embeds[:, None].expand(-1, num_chunks, -1, -1), mask[:, None].expand(-1, num_chunks, -1)
+def call_signature_with_prefix(first: inspect.Parameter, *keyword: inspect.Parameter) -> inspect.Signature:
+    """The signature of `MagiPipeline.__call__` with a prefix input (`image` / `video`) as first argument and more
+    prefix arguments before `return_dict`: how the image- and video-to-video pipelines state their arguments without
+    copying the list."""
+    parameters = list(inspect.signature(MagiPipeline.__call__).parameters.values())
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    extra = [parameter.replace(kind=kind) for parameter in keyword]
+    return inspect.Signature([parameters[0], first.replace(kind=kind), *parameters[1:-1], *extra, parameters[-1]])
+
+
+def _session_generators(generator, device: torch.device) -> List[torch.Generator]:
+    """The generators a session draws its noise from: the caller's, or one of its own seeded from torch's global
+    generator (so that a saved session resumes with the same noise)."""
+    if generator is None:
+        own = torch.Generator(device=device)
+        own.manual_seed(int(torch.randint(0, 2**63 - 1, (1,)).item()))
+        return [own]
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    for item in generators:
+        if not isinstance(item, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(item).__name__}.")
+    return generators
+
+
+def _prompt_schedule(chunk_prompts, num_generated_chunks: Optional[int]) -> Dict[int, str]:
+    """`{first_chunk: prompt}` of one video from a per-chunk list or a schedule (checked against the video length;
+    an open-ended video takes schedules only)."""
+    if num_generated_chunks is not None:
+        per_chunk = resolve_chunk_prompts(chunk_prompts, num_generated_chunks)
+        if isinstance(chunk_prompts, dict):
+            return dict(sorted(chunk_prompts.items()))
+        return dict(enumerate(per_chunk))
+    if not isinstance(chunk_prompts, dict):
+        raise ValueError(
+            "An open-ended session (no num_frames) takes chunk_prompts as a {first_chunk: prompt} schedule, not a list "
+            "(whose length would fix the video length)."
+        )
+    if not chunk_prompts or 0 not in chunk_prompts or any(not isinstance(k, int) or k < 0 for k in chunk_prompts):
+        raise ValueError(f"chunk_prompts as a schedule needs non-negative integer keys including 0, got {sorted(chunk_prompts)}.")
+    return dict(sorted(chunk_prompts.items()))
+
+
+def _prompt_at(schedule: Dict[int, str], chunk: int) -> str:
+    return schedule[max(first for first in schedule if first <= chunk)]

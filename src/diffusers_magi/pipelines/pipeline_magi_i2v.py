@@ -1,11 +1,25 @@
 """`MagiImageToVideoPipeline`: MAGI-1 image-to-video (the image is the first latent frame of the video)."""
 
+import inspect
 from typing import List, Optional
 
 import torch
+from diffusers.utils import replace_example_docstring
 
-from .pipeline_magi import MagiPipeline
+from .pipeline_magi import MagiPipeline, call_signature_with_prefix
 from .video_processing_magi import frames_to_video, load_image_frames
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from diffusers_magi import MagiImageToVideoPipeline
+        >>> from diffusers_magi.pipelines import export_to_video
+
+        >>> pipe = MagiImageToVideoPipeline.from_pretrained("path/to/MAGI-1-4.5B-distill-diffusers")
+        >>> video = pipe(image="first_frame.png", prompt="the boat sails out to sea", height=480, width=480).frames[0]
+        >>> export_to_video(video, "boat.mp4", fps=24)
+        ```
+"""
 
 
 class MagiImageToVideoPipeline(MagiPipeline):
@@ -21,10 +35,29 @@ class MagiImageToVideoPipeline(MagiPipeline):
             already encoded (VAE-scaled), instead of `image`.
         resize_mode (`str`, defaults to `"fit"`): `"fit"` (stretch to the size), `"crop"` (cover, centre crop) or
             `"pad"` (fit inside, black borders).
+
+    The video holds the image's frame and `num_frames` more, rounded up to whole chunks: with `num_frames=96`,
+    `ceil((96 // 4 + 1) / 6) = 5` chunks, 120 frames.
     """
 
-    def stream(self, image=None, *args, prefix_latents: Optional[torch.Tensor] = None, resize_mode: str = "fit", **kwargs):
-        return super().stream(*args, image=image, prefix_latents=prefix_latents, resize_mode=resize_mode, **kwargs)
+    _prefix_argument_names = ("image", "prefix_latents", "resize_mode")
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(self, *args, **kwargs):
+        r"""
+        Generate a video that starts from `image`. Arguments: those of [`MagiPipeline.__call__`], plus `image`
+        (first), `prefix_latents` and `resize_mode` (see the class docstring).
+
+        Examples:
+        """
+        return self._generate(args, kwargs)
+
+    __call__.__signature__ = call_signature_with_prefix(
+        inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        inspect.Parameter("prefix_latents", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.Tensor]),
+        inspect.Parameter("resize_mode", inspect.Parameter.KEYWORD_ONLY, default="fit", annotation=str),
+    )
 
     def _prefix_latents(self, num_videos, height, width, device, image=None, prefix_latents=None, resize_mode="fit"):
         if (image is None) == (prefix_latents is None):

@@ -1,11 +1,25 @@
 """`MagiVideoToVideoPipeline`: MAGI-1 video continuation from a prefix video."""
 
+import inspect
 from typing import List, Optional
 
 import torch
+from diffusers.utils import replace_example_docstring
 
-from .pipeline_magi import MagiPipeline
+from .pipeline_magi import MagiPipeline, call_signature_with_prefix
 from .video_processing_magi import frames_to_video, load_video_frames
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from diffusers_magi import MagiVideoToVideoPipeline
+        >>> from diffusers_magi.pipelines import export_to_video
+
+        >>> pipe = MagiVideoToVideoPipeline.from_pretrained("path/to/MAGI-1-4.5B-distill-diffusers")
+        >>> video = pipe(video="start.mp4", prompt="the car drives on into the night", height=480, width=480).frames[0]
+        >>> export_to_video(video, "continued.mp4", fps=24)
+        ```
+"""
 
 
 class MagiVideoToVideoPipeline(MagiPipeline):
@@ -24,18 +38,25 @@ class MagiVideoToVideoPipeline(MagiPipeline):
         fps (`int`, defaults to 24): frame rate the prefix video is resampled to (ffmpeg's `fps` filter).
     """
 
-    def stream(
-        self,
-        video=None,
-        *args,
-        prefix_latents: Optional[torch.Tensor] = None,
-        num_prefix_frames: int = 32,
-        fps: int = 24,
-        **kwargs,
-    ):
-        return super().stream(
-            *args, video=video, prefix_latents=prefix_latents, num_prefix_frames=num_prefix_frames, fps=fps, **kwargs
-        )
+    _prefix_argument_names = ("video", "prefix_latents", "num_prefix_frames", "fps")
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(self, *args, **kwargs):
+        r"""
+        Continue `video`. Arguments: those of [`MagiPipeline.__call__`], plus `video` (first), `prefix_latents`,
+        `num_prefix_frames` and `fps` (see the class docstring).
+
+        Examples:
+        """
+        return self._generate(args, kwargs)
+
+    __call__.__signature__ = call_signature_with_prefix(
+        inspect.Parameter("video", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        inspect.Parameter("prefix_latents", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[torch.Tensor]),
+        inspect.Parameter("num_prefix_frames", inspect.Parameter.KEYWORD_ONLY, default=32, annotation=int),
+        inspect.Parameter("fps", inspect.Parameter.KEYWORD_ONLY, default=24, annotation=int),
+    )
 
     def _prefix_latents(
         self, num_videos, height, width, device, video=None, prefix_latents=None, num_prefix_frames=32, fps=24
