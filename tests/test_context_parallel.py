@@ -4,6 +4,13 @@ uneven shards, KV-cache reads and writes; each process caches its head group) an
 settings fail with clear errors. (On GPUs, expect float rounding differences: GEMMs over fewer rows may block
 differently.)
 
+The CPU's float32 GEMM does that too: with MKL on an x86 CPU, `F.linear(x[:5], w)` (128 input features) is not bit
+for bit `F.linear(x, w)[:5]` for a 9-row `x` (MKL takes another kernel for a few rows; which row counts are affected
+depends on the CPU and on the number of input features). Under context parallelism every linear layer sees only its
+process's rows, so the single-call test evaluates linear layers row by row in both runs (`_row_by_row_linear`): each
+output row then comes from the same kernel call whatever the number of rows, and the comparison checks the sharding,
+all-to-all and gather exactly on any CPU. The generation test runs the model's own kernels.
+
 Each worker builds the same tiny models from the same seed, computes the single-process result first, then enables
 context parallelism and recomputes. Diffusers 0.42 derives each rank's device as `rank % accelerator count`, which
 divides by zero on a machine without accelerator; the workers therefore report one accelerator to it. Gloo cannot
@@ -27,6 +34,7 @@ from diffusers_magi import MagiKVCache
 from .tiny_models import tiny_pipeline, tiny_transformer
 
 WORLD_SIZE = 2
+_LINEAR = torch.nn.functional.linear
 
 
 def _free_port() -> int:
@@ -52,6 +60,14 @@ def _all_gather_padded(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded, group=group)
     return torch.cat([shard.narrow(dim, 0, size) for shard, size in zip(gathered, sizes)], dim=dim)
+
+
+def _row_by_row_linear(input: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """`F.linear` one row at a time, each row a fresh (equally aligned) copy: a row's result does not depend on how
+    many rows the call has (see the module docstring)."""
+    rows = input.reshape(-1, input.shape[-1])
+    output = torch.cat([_LINEAR(row[None].clone(), weight, bias) for row in rows])
+    return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
 def _transformer_calls(model, chunk_frames: int, height: int, width: int):
@@ -88,6 +104,7 @@ def _transformer_calls(model, chunk_frames: int, height: int, width: int):
 
 def _transformer_worker(rank: int, port: int, out_dir: str, chunk_frames: int, height: int, width: int, anything: bool):
     _init(rank, port)
+    torch.nn.functional.linear = _row_by_row_linear  # in this worker process only, for both runs
     model = tiny_transformer()
     reference, reference_cache = _transformer_calls(model, chunk_frames, height, width)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD_SIZE, ulysses_anything=anything))

@@ -5,7 +5,10 @@ Tolerances are those of the reference README's fp8 discussion (relative L2 <= 1 
 sampler): bfloat16 + float8 arithmetic turns any float32 rounding difference (here: the CPU's own bfloat16 / float32
 matrix kernels, which differ between CPU types) into differences of that size. What does not depend on the CPU is
 checked bit for bit: each float8 linear, fed the recorded input, reproduces the recorded float8 activation codes and
-the recorded output.
+the recorded output, and each quantised block, fed the recorded output of the block before it, reproduces the recorded
+output of its own. (The unquantised first and last blocks run bfloat16 GEMMs: on a CPU with AMX, torch's oneDNN
+kernels sum those in another order than on the AVX-512 bfloat16 CPU that made the reference; the embedders and the
+final projection run float32 GEMMs, whose summation order also depends on the CPU.)
 """
 
 import re
@@ -15,6 +18,7 @@ import torch
 
 from diffusers_magi.conversion import load_original_transformer
 from diffusers_magi.conversion.transformer import convert_transformer_state_dict
+from diffusers_magi.models.attention_magi import ChunkAttentionLayout, chunk_causal_attention
 from diffusers_magi.models.fp8_linear_magi import (
     MagiFp8Linear,
     dequantize_fp8_weight,
@@ -22,7 +26,7 @@ from diffusers_magi.models.fp8_linear_magi import (
     quantize_activation_fp8,
 )
 
-from .reference_cases import DIT_DIR, Case, dit_case_names, run_forward_call
+from .reference_cases import DIT_DIR, Case, attention_starts, dit_case_names, run_forward_call
 from .test_pipeline_parity import run_recorded_sampler
 
 FORWARD_TOLERANCE = 0.01
@@ -84,6 +88,59 @@ def test_fp8_linears_bit_exact(reference_dir, name):
         output = module(hidden_states)
         assert output.dtype == torch.bfloat16
         assert torch.equal(output.float(), tensors["output"]), f"{module_name}: output"
+
+
+@pytest.mark.parametrize("name", FP8_FORWARD_CASES)
+def test_bfloat16_attention_bit_exact(reference_dir, name):
+    """Chunk-causal attention on the recorded bfloat16 queries, keys and values of the first block gives the recorded
+    output bit for bit: on CPU it is `softmax(q k^T * scale) @ v` in float32, rounded once (torch's float32 CPU flash
+    kernel, with its blockwise online softmax, flips some bfloat16 roundings)."""
+    case = Case(name)
+    call = case.calls()[0]
+    recorded = {key.removeprefix("call0.debug."): tensor for key, tensor in case.outputs.items()}
+    x, t = case.tensor(call["args"]["x"]), case.tensor(call["args"]["t"])
+    tokens = case.tokens_per_chunk(x, t.shape[1])
+    starts = attention_starts(case.tensor(call["args"]["kv_range"])[: t.shape[1]], 0, tokens)
+    layout = ChunkAttentionLayout(tokens_per_chunk=tokens, first_chunk_index=0, attention_chunk_starts=tuple(starts))
+    query = recorded["layer0.query_after_norm_rope"][None].to(torch.bfloat16)
+    key, value = recorded["layer0.key_value_after_norm_rope"][None].to(torch.bfloat16).chunk(2, dim=-1)
+    output = chunk_causal_attention(query, key, value, layout)
+    assert output.dtype == torch.bfloat16
+    assert torch.equal(output.flatten(2)[0].float(), recorded["layer0.self_attention.0"][:, 0])
+
+
+@pytest.mark.parametrize("name", FP8_FORWARD_CASES)
+def test_fp8_blocks_bit_exact(reference_dir, name):
+    """Each quantised block, fed the recorded output of the block before it and the recorded gate logits of its own
+    (its unquantised gate linear is a bfloat16 GEMM), gives the recorded block output bit for bit: every float8 linear
+    is exact, and the norms, rotary embedding, attention (float32 softmax, then the weighted sum), gating and
+    residuals are evaluated in the original's order with its bfloat16 roundings. Condition, rotary embedding and
+    caption tokens come from our own embedders."""
+    case = Case(name)
+    transformer = case.transformer
+    call = case.calls()[0]
+    recorded = {key.removeprefix("call0.debug."): tensor for key, tensor in case.outputs.items()}
+    block_inputs = {}
+    hooks = [
+        transformer.blocks[index].register_forward_pre_hook(
+            lambda module, args, index=index: block_inputs.__setitem__(index, args)
+        )
+        for index in transformer.config.fp8_layers
+    ]
+    run_forward_call(case, call, transformer)
+    for hook in hooks:
+        hook.remove()
+    for index in transformer.config.fp8_layers:
+        block = transformer.blocks[index]
+        hidden_states, *other_inputs = block_inputs[index]
+        previous = recorded[f"layer{index - 1}"].transpose(0, 1).to(torch.bfloat16)  # (S, N, C) -> (N, S, C)
+        assert previous.shape == hidden_states.shape
+        gates = recorded[f"layer{index}.ada_modulate_layer"].to(torch.bfloat16)
+        hook = block.modulation.register_forward_hook(lambda module, args, output: gates.to(output.dtype))
+        with torch.no_grad():
+            output = block(previous, *other_inputs)
+        hook.remove()
+        assert torch.equal(output.transpose(0, 1).float(), recorded[f"layer{index}"]), f"block {index}"
 
 
 @pytest.mark.parametrize("name", FP8_FORWARD_CASES)
