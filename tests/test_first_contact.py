@@ -87,3 +87,17 @@ def test_frame_count_table_matches_the_pipelines():
             frames = pipeline(prompt="a fox", height=32, width=32, num_frames=num_frames, output_type="pt", **prefix)
             counts.append(frames.frames.shape[1])
         assert counts == expected, f"num_frames={num_frames}: pipelines give {counts}, the docs say {expected}"
+
+
+def test_saved_folder_loads_in_a_fresh_process(tmp_path):
+    """A folder saved by `save_pretrained` loads with `DiffusionPipeline.from_pretrained` in a new process that only
+    imports the package (Diffusers never imports a library because a folder names it: see troubleshooting.md)."""
+    tiny_random_pipeline().save_pretrained(str(tmp_path / "tiny"))
+    result = _run(
+        sys.executable,
+        "-c",
+        "import diffusers_magi\nfrom diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'tiny')!r})\nprint(type(pipe).__name__)",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "MagiPipeline"
