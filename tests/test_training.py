@@ -38,7 +38,7 @@ def test_time_transform_is_the_schedulers_grid(time_schedule, steps):
 @pytest.mark.parametrize("num_prefix_chunks", [0, 1])
 def test_chunk_noise_levels_are_monotone(chunk_times, time_distribution, num_prefix_chunks):
     objective = MagiChunkwiseFlowMatching(chunk_times=chunk_times, time_distribution=time_distribution)
-    batch = objective.prepare(_latents(batch=256, chunks=5), num_prefix_chunks, torch.Generator().manual_seed(0))
+    batch = objective.prepare(_latents(batch=256, chunks=5), 6 * num_prefix_chunks, torch.Generator().manual_seed(0))
     t = batch.timesteps
     assert (t[:, 1:] <= t[:, :-1]).all()  # earlier chunks are at least as clean
     assert ((t >= 0) & (t <= objective.clean_t)).all()
@@ -104,6 +104,24 @@ def test_oracle_velocity_gives_zero_loss_and_one_euler_step_lands_on_the_clean_l
     # finished chunks are given clean, as the KV cache holds them
     finished = (batch.positions >= 1).repeat_interleave(6, dim=1)[:, None, :, None, None].expand_as(clean)
     assert torch.equal(batch.noisy_latents[finished], clean[finished])
+
+
+def test_image_prefix_frame_is_clean_and_out_of_the_loss():
+    """Image-to-video style: the first latent frame is given clean inside the first chunk (which keeps its noise
+    level), as the original sampler pads a prefix into the chunks in flight, and only it is left out of the loss."""
+    objective = MagiChunkwiseFlowMatching(chunk_times="sorted")
+    clean = _latents(batch=4, chunks=2)
+    batch = objective.prepare(clean, num_prefix_frames=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch.noisy_latents[:, :, :1], clean[:, :, :1])
+    assert not torch.equal(batch.noisy_latents[:, :, 1:2], clean[:, :, 1:2]) and (batch.timesteps[:, 0] < objective.clean_t).all()
+    assert batch.loss_mask.all() and not batch.loss_frames[:, 0].any() and batch.loss_frames[:, 1:].all()
+    wrong_prefix = batch.target.clone()
+    wrong_prefix[:, :, 0] += 5.0
+    assert objective.loss(wrong_prefix, batch).loss.item() == 0.0
+    wrong_frame = batch.target.clone()
+    wrong_frame[:, :, 1] += 1.0
+    # one wrong frame of the five loss frames of chunk 0: chunk loss 1/5, mean over the two chunks 1/10
+    torch.testing.assert_close(objective.loss(wrong_frame, batch).loss, torch.tensor(0.1))
 
 
 def test_scheduler_step_with_the_target_velocity_finishes_a_chunk_noised_by_the_objective():
@@ -214,8 +232,8 @@ def test_prepare_checks_its_inputs():
     objective = MagiChunkwiseFlowMatching()
     with pytest.raises(ValueError, match="multiple of chunk_width"):
         objective.prepare(torch.zeros(1, 16, 7, 4, 4))
-    with pytest.raises(ValueError, match="num_prefix_chunks must be in"):
-        objective.prepare(torch.zeros(1, 16, 12, 4, 4), num_prefix_chunks=2)
+    with pytest.raises(ValueError, match=r"num_prefix_frames must be in \[0, 12\)"):
+        objective.prepare(torch.zeros(1, 16, 12, 4, 4), num_prefix_frames=12)
 
 
 # --------------------------------------------------------------------------------------------------------------------

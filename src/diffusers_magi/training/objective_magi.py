@@ -26,6 +26,10 @@ entered the window: they are pure noise at time 0; causal attention keeps them f
 they are left out of the loss. `"sorted"` instead draws `n` independent positions and sorts them (earliest chunk
 cleanest); every chunk is a loss chunk.
 
+A clean prefix (`num_prefix_frames`: 1 for image-to-video, whole chunks for video-to-video) is given clean and left
+out of the loss: whole prefix chunks as finished chunks, the frames of a partial chunk inside that chunk, which keeps
+its time (as the original sampler pads a prefix into the chunks in flight).
+
 Attention follows the sampler's rules: a chunk in flight attends to `noise2clean_kvrange[band]` chunks (itself
 included), a finished chunk to `clean_chunk_kvrange`.
 
@@ -74,6 +78,8 @@ class MagiTrainingBatch:
         timesteps (`torch.Tensor` of shape `(batch, num_chunks)`): time of each chunk (non-increasing along chunks).
         target (`torch.Tensor`, shape of `noisy_latents`): the velocity `x0 - noise`.
         loss_mask (`torch.Tensor` of shape `(batch, num_chunks)`, bool): chunks in the loss.
+        loss_frames (`torch.Tensor` of shape `(batch, num_chunks * chunk_width)`, bool): latent frames in the loss
+            (those of the loss chunks, less any clean prefix frames).
         attention_chunk_starts (`List[Tuple[int, ...]]`): per batch row, the earliest chunk each chunk attends to.
         caption_dropped (`torch.Tensor` of shape `(batch,)`, bool): rows trained with the null caption.
         noise (`torch.Tensor`, shape of `noisy_latents`): the noise drawn.
@@ -84,6 +90,7 @@ class MagiTrainingBatch:
     timesteps: torch.Tensor
     target: torch.Tensor
     loss_mask: torch.Tensor
+    loss_frames: torch.Tensor
     attention_chunk_starts: List[Tuple[int, ...]]
     caption_dropped: torch.Tensor
     noise: torch.Tensor
@@ -233,15 +240,18 @@ class MagiChunkwiseFlowMatching:
     # Batch and loss
     # ------------------------------------------------------------------------------------------------------------
     def prepare(
-        self, latents: torch.Tensor, num_prefix_chunks: int = 0, generator: Optional[torch.Generator] = None
+        self, latents: torch.Tensor, num_prefix_frames: int = 0, generator: Optional[torch.Generator] = None
     ) -> MagiTrainingBatch:
         """Noise a batch of clean clips.
 
         Args:
             latents (`torch.Tensor` of shape `(batch, channels, num_chunks * chunk_width, height, width)`): clean,
                 VAE-scaled latents.
-            num_prefix_chunks (`int`, defaults to 0): leading chunks kept clean as conditioning (I2V/V2V-style), left
-                out of the loss.
+            num_prefix_frames (`int`, defaults to 0): leading latent frames kept clean as conditioning, left out of
+                the loss: 1 for image-to-video (the first frame), whole chunks or more for video-to-video. Whole
+                prefix chunks are clean context (time `clean_t`, the sampler's prefix call); frames of a partial
+                chunk replace that chunk's noised frames while it keeps its time, as the original sampler pads a
+                video prefix into the chunks in flight.
             generator (`torch.Generator`, *optional*): a CPU generator driving times, dropout and noise.
         """
         if latents.ndim != 5 or latents.shape[2] % self.chunk_width:
@@ -249,8 +259,14 @@ class MagiChunkwiseFlowMatching:
                 f"latents must be (batch, channels, frames, height, width) with frames a multiple of chunk_width "
                 f"({self.chunk_width}), got shape {tuple(latents.shape)}."
             )
-        batch_size, num_chunks = latents.shape[0], latents.shape[2] // self.chunk_width
-        positions = self.sample_positions(batch_size, num_chunks, num_prefix_chunks, generator)
+        batch_size, num_frames = latents.shape[0], latents.shape[2]
+        num_chunks = num_frames // self.chunk_width
+        if not 0 <= num_prefix_frames < num_frames:
+            raise ValueError(
+                f"num_prefix_frames must be in [0, {num_frames}) (the latent frames of the clip): at least one frame is "
+                f"trained, got {num_prefix_frames}."
+            )
+        positions = self.sample_positions(batch_size, num_chunks, num_prefix_frames // self.chunk_width, generator)
         timesteps = self.chunk_timesteps(positions)
         draw = torch.rand(batch_size, generator=generator)
         unconditional = draw < self.unconditional_dropout
@@ -261,11 +277,16 @@ class MagiChunkwiseFlowMatching:
         noisy = self.add_noise(clean, noise, timesteps.to(latents.device))
         finished = (positions >= 1).to(latents.device).repeat_interleave(self.chunk_width, dim=1)[:, None, :, None, None]
         noisy = torch.where(finished, clean, noisy)  # clean chunks are given exactly, as the KV cache holds them
+        noisy[:, :, :num_prefix_frames] = clean[:, :, :num_prefix_frames]
+        loss_mask = (positions >= 0) & (positions < 1)
+        loss_frames = loss_mask.repeat_interleave(self.chunk_width, dim=1)
+        loss_frames[:, :num_prefix_frames] = False
         return MagiTrainingBatch(
             noisy_latents=noisy,
             timesteps=timesteps.to(latents.device),
             target=clean - noise,
-            loss_mask=((positions >= 0) & (positions < 1)).to(latents.device),
+            loss_mask=(loss_mask & loss_frames.unflatten(1, (num_chunks, -1)).any(dim=2)).to(latents.device),
+            loss_frames=loss_frames.to(latents.device),
             attention_chunk_starts=[
                 self.attention_starts(row, alone=bool(alone)) for row, alone in zip(positions, unconditional)
             ],
@@ -281,11 +302,14 @@ class MagiChunkwiseFlowMatching:
         return t * clean + (1 - t) * noise
 
     def loss(self, prediction: torch.Tensor, batch: MagiTrainingBatch) -> MagiTrainingLoss:
-        """Velocity MSE per chunk, averaged over the loss chunks of the batch (float32)."""
-        error = (prediction.float() - batch.target.float()) ** 2
-        chunk_losses = error.unflatten(2, (batch.timesteps.shape[1], -1)).mean(dim=(1, 3, 4, 5))
-        mask = batch.loss_mask.to(chunk_losses.dtype)
-        chunk_losses = chunk_losses * mask
+        """Velocity MSE per chunk (over its loss frames), averaged over the loss chunks of the batch (float32)."""
+        num_chunks = batch.timesteps.shape[1]
+        error = ((prediction.float() - batch.target.float()) ** 2).mean(dim=(1, 3, 4))  # (batch, frames)
+        frames = batch.loss_frames.to(error.dtype)
+        per_chunk = (error * frames).unflatten(1, (num_chunks, -1)).sum(dim=2)
+        counts = frames.unflatten(1, (num_chunks, -1)).sum(dim=2)
+        mask = batch.loss_mask.to(error.dtype)
+        chunk_losses = per_chunk / counts.clamp(min=1) * mask
         return MagiTrainingLoss(loss=chunk_losses.sum() / mask.sum().clamp(min=1), chunk_losses=chunk_losses, batch=batch)
 
     def caption_rows(
@@ -294,7 +318,7 @@ class MagiChunkwiseFlowMatching:
         prompt_embeds: torch.Tensor,
         prompt_attention_mask: torch.Tensor,
         batch: MagiTrainingBatch,
-        num_prefix_chunks: int = 0,
+        num_prefix_frames: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-chunk caption rows `(batch, num_chunks, L, C)` and masks: the clip's caption with the special tokens
         for generated chunks (duration counted over the generated chunks), the unconditional caption for clean
@@ -305,6 +329,7 @@ class MagiChunkwiseFlowMatching:
             prompt_embeds (`torch.Tensor` of shape `(batch, L, C)`), prompt_attention_mask (`(batch, L)`): T5 output.
         """
         batch_size, num_chunks = batch.timesteps.shape
+        num_prefix_chunks = num_prefix_frames // self.chunk_width
         generated = num_chunks - num_prefix_chunks
         device = prompt_embeds.device
         negative, negative_mask = negative_caption_rows(learned_tokens, batch_size)
@@ -329,7 +354,7 @@ class MagiChunkwiseFlowMatching:
         latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
         prompt_attention_mask: torch.Tensor,
-        num_prefix_chunks: int = 0,
+        num_prefix_frames: int = 0,
         generator: Optional[torch.Generator] = None,
         attention_kwargs: Optional[Dict] = None,
     ) -> MagiTrainingLoss:
@@ -340,13 +365,13 @@ class MagiChunkwiseFlowMatching:
             transformer (`MagiTransformer3DModel`, possibly wrapped by accelerate/PEFT).
             latents (`torch.Tensor` of shape `(batch, channels, num_chunks * chunk_width, height, width)`).
             prompt_embeds (`torch.Tensor` of shape `(batch, L, C)`), prompt_attention_mask (`(batch, L)`).
-            num_prefix_chunks, generator: see `prepare`.
+            num_prefix_frames, generator: see `prepare`.
         """
         model = getattr(transformer, "module", transformer)
-        batch = self.prepare(latents, num_prefix_chunks, generator)
+        batch = self.prepare(latents, num_prefix_frames, generator)
         with torch.no_grad():
             learned_tokens = model.caption_tokens()
-        embeds, mask = self.caption_rows(learned_tokens, prompt_embeds, prompt_attention_mask, batch, num_prefix_chunks)
+        embeds, mask = self.caption_rows(learned_tokens, prompt_embeds, prompt_attention_mask, batch, num_prefix_frames)
         step_size = None
         if model.config.step_size_conditioning:
             step_size = self.step_size if self.step_size is not None else 32.0

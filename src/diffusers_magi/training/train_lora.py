@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     objective.add_argument("--time-distribution", choices=TIME_DISTRIBUTIONS, default="uniform")
     objective.add_argument("--caption-dropout", type=float, default=0.1)
     objective.add_argument("--unconditional-dropout", type=float, default=0.05)
-    objective.add_argument("--num-prefix-chunks", type=int, default=0, help="leading clean chunks (I2V/V2V-style conditioning), out of the loss.")
+    objective.add_argument(
+        "--num-prefix-frames", type=int, default=0,
+        help="leading latent frames kept clean as conditioning, out of the loss: 1 = image-to-video (the first frame), 6 = one chunk (video-to-video).",
+    )
     checkpoints = parser.add_argument_group("checkpoints, validation, logging")
     checkpoints.add_argument("--checkpointing-steps", type=int, default=500, help="save a checkpoint every N steps (0: never).")
     checkpoints.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' (in OUTPUT).")
@@ -103,11 +106,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}.")
-    num_chunks = args.num_frames // 24
-    if not 0 <= args.num_prefix_chunks < num_chunks:
+    latent_frames = args.num_frames // 4
+    if not 0 <= args.num_prefix_frames < latent_frames:
         raise ValueError(
-            f"--num-prefix-chunks must be in [0, {num_chunks}) for --num-frames {args.num_frames} ({num_chunks} chunks): "
-            "at least one chunk is trained."
+            f"--num-prefix-frames must be in [0, {latent_frames}) for --num-frames {args.num_frames} ({latent_frames} latent "
+            "frames): at least one frame is trained."
         )
     args.target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     if not args.target_modules:
@@ -356,7 +359,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
                         batch["latents"],
                         batch["prompt_embeds"],
                         batch["prompt_attention_mask"],
-                        num_prefix_chunks=args.num_prefix_chunks,
+                        num_prefix_frames=args.num_prefix_frames,
                         generator=generator,
                     )
                 accelerator.backward(result.loss)
