@@ -67,9 +67,16 @@ def lora_file(tmp_path_factory):
 def test_pipelines_have_the_lora_loader():
     for cls in (MagiImageToVideoPipeline, MagiVideoToVideoPipeline):
         assert hasattr(cls, "load_lora_weights") and hasattr(cls, "fuse_lora")
+    import numpy as np
+    import PIL.Image
+
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     pipe = MagiImageToVideoPipeline.from_pipe(tiny_pipeline())
+    base = pipe(image=image, generator=torch.Generator().manual_seed(0), **{**KWARGS, "num_frames": 24}).frames
     pipe.load_lora_weights(_lora(pipe.transformer, seed=1), adapter_name="style")
     assert pipe.get_active_adapters() == ["style"]
+    adapted = pipe(image=image, generator=torch.Generator().manual_seed(0), **{**KWARGS, "num_frames": 24}).frames
+    assert (adapted - base).abs().max() > 1e-2
 
 
 def test_adapter_changes_output_and_equals_the_merged_weights(base, lora_file):
@@ -150,6 +157,11 @@ def test_two_adapters_with_weights_equal_the_weighted_merge():
     torch.testing.assert_close(both, merged, rtol=1e-5, atol=1e-5)
     pipe.fuse_lora(adapter_names=["a", "b"])
     torch.testing.assert_close(_run(pipe), merged, rtol=1e-5, atol=1e-5)
+    pipe.unfuse_lora()
+    pipe.delete_adapters("b")
+    pipe.set_adapters(["a"], adapter_weights=[0.7])
+    assert pipe.get_list_adapters() == {"transformer": ["a"]}
+    torch.testing.assert_close(_run(pipe), _run(_merged_pipeline([(first, 0.7)])), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_scale_through_attention_kwargs(base, lora_file):
