@@ -38,16 +38,22 @@ def load_in_fresh_process(variant: str, layers: int, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--layers", type=int, default=3, help="blocks kept per variant (at least 3 keeps an fp8 block)")
+    parser.add_argument(
+        "--layers", type=int, default=3, help="blocks kept per variant (at least 3 keeps an fp8 block)"
+    )
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     args = parser.parse_args()
 
     print(
-        f"Loading the original layout (load_original_transformer), sparse full-width checkpoints, {args.layers} blocks "
-        f"per variant, each load in a fresh process; torch {torch.__version__}, {platform.machine()}, "
+        "Loading the original layout (load_original_transformer), "
+        f"sparse full-width checkpoints, {args.layers} blocks per variant, each load in a fresh process; "
+        f"torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads, devices {', '.join(args.devices)}"
     )
-    header = f"{'variant':<20} {'device':<6} {'ckpt GB':>8} {'seconds':>8} {'GB/s':>6} {'added RSS GB':>13} {'x ckpt':>7} {'device GB':>10}"
+    header = (
+        f"{'variant':<20} {'device':<6} {'ckpt GB':>8} {'seconds':>8} {'GB/s':>6} {'added RSS GB':>13} {'x ckpt':>7} "
+        f"{'device GB':>10}"
+    )
     print(header)
     print("-" * len(header))
     for variant in args.variants:

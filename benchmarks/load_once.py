@@ -40,7 +40,10 @@ def main(variant: str, num_layers: int, device: str) -> None:
             np.savez(special_tokens, caption_token=np.zeros((1, text_dim)), logo_token=np.zeros((1, text_dim)),
                      other_tokens=np.zeros((17, text_dim)))  # fmt: skip
             folder = convert_original_to_diffusers(
-                Path(root) / "converted", config=config, checkpoint_dir=checkpoint_dir, special_tokens_path=special_tokens
+                Path(root) / "converted",
+                config=config,
+                checkpoint_dir=checkpoint_dir,
+                special_tokens_path=special_tokens,
             )
             model = None
             written = sum(path.stat().st_size for path in (Path(folder) / "transformer").glob("*.safetensors"))

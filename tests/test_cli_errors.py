@@ -149,7 +149,9 @@ def test_ffmpeg_error_summary_drops_the_banner():
         "  libavutil      59.  8.100\nInput #0, rawvideo, from 'fd:':\n  Stream #0:0: Video: rawvideo\n"
         "[libx264 @ 0x1] width not divisible by 2 (33x33)\nError while opening encoder\nConversion failed!\n"
     )
-    assert ffmpeg_error_summary(log) == "[libx264 @ 0x1] width not divisible by 2 (33x33) | Error while opening encoder"
+    assert (
+        ffmpeg_error_summary(log) == "[libx264 @ 0x1] width not divisible by 2 (33x33) | Error while opening encoder"
+    )
 
 
 def test_empty_stream_writes_nothing(tmp_path):

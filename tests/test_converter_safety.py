@@ -121,7 +121,9 @@ def test_bad_arguments_fail_before_any_work(checkpoint, tmp_path, capsys):
 
 
 def _sparse():
-    spec = importlib.util.spec_from_file_location("sparse_checkpoints", REPO_ROOT / "benchmarks" / "sparse_checkpoints.py")
+    spec = importlib.util.spec_from_file_location(
+        "sparse_checkpoints", REPO_ROOT / "benchmarks" / "sparse_checkpoints.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -51,7 +51,11 @@ def test_tensors_not_numpy_and_finite():
     with pytest.raises(TypeError, match="`prompt_embeds` must be a torch.Tensor, got list"):
         checks.check_tensor([[0.0]], "prompt_embeds")
     checks.check_tensor(None, "latents")
-    for name, bad in (("latents", float("nan")), ("prompt_embeds", float("inf")), ("negative_prompt_embeds", -math.inf)):
+    for name, bad in (
+        ("latents", float("nan")),
+        ("prompt_embeds", float("inf")),
+        ("negative_prompt_embeds", -math.inf),
+    ):
         tensor = torch.zeros(2, 3)
         tensor[1, 2] = bad
         with pytest.raises(ValueError, match=rf"`{name}` holds 1 non-finite value"):
@@ -96,7 +100,9 @@ def test_scaling_factor():
 
 def test_prompt_embeds_length():
     checks.check_prompt_embeds_length(torch.zeros(1, 40, 32), 40)
-    with pytest.raises(ValueError, match=r"`prompt_embeds` must have shape \(batch, 40, text_dim\).*got \(1, 39, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"`prompt_embeds` must have shape \(batch, 40, text_dim\).*got \(1, 39, 32\)"
+    ):
         checks.check_prompt_embeds_length(torch.zeros(1, 39, 32), 40)
 
 
@@ -110,6 +116,18 @@ def test_callback_outputs():
         checks.check_callback_outputs({"latents": torch.zeros(shape[:-1])}, "cb", {"latents": shape})
     with pytest.raises(ValueError, match="non-finite"):
         checks.check_callback_outputs({"latents": torch.full(shape, float("nan"))}, "cb", {"latents": shape})
+
+
+CONFIG_4_5B = dict(
+    num_layers=34,
+    hidden_size=3072,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    attention_head_dim=128,
+    ffn_dim=12288,
+    in_channels=16,
+    patch_size=(1, 2, 2),
+)
 
 
 def _memory_plan():
@@ -138,8 +156,7 @@ def test_estimate_bounds_a_real_transformer_call():
 
 
 def test_estimate_grows_with_the_request():
-    config = dict(num_layers=34, hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, attention_head_dim=128,
-                  ffn_dim=12288, in_channels=16, patch_size=(1, 2, 2))  # fmt: skip
+    config = CONFIG_4_5B
     vae = dict(latent_channels=16, patch_size=8, patch_size_t=4)
     small = checks.estimate_generation_memory(config, vae, 1, 480, 848, 4, 8)
     assert small.kv_cache == 8 * checks.kv_chunk_bytes(config, checks.tokens_per_chunk(config, 480, 848))
@@ -153,8 +170,7 @@ def test_estimate_grows_with_the_request():
 
 
 def test_check_generation_fits():
-    config = dict(num_layers=34, hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, attention_head_dim=128,
-                  ffn_dim=12288, in_channels=16, patch_size=(1, 2, 2))  # fmt: skip
+    config = CONFIG_4_5B
     estimate = checks.estimate_generation_memory(config, {}, 1, 100000, 100000, 4, 8)
     with pytest.raises(ValueError) as error:
         checks.check_generation_fits(estimate, "cpu")
@@ -163,6 +179,8 @@ def test_check_generation_fits():
     assert "smaller height/width" in message and "allow_oversized=True" in message
     checks.check_generation_fits(estimate, "cpu", allow_oversized=True)
     checks.check_generation_fits(10, "cpu")  # ten bytes fit
-    with pytest.raises(ValueError, match=r"free memory on cuda:0 is 1.0 GiB.*enable_model_cpu_offload.*kv_cache_device"):
+    with pytest.raises(
+        ValueError, match=r"free memory on cuda:0 is 1.0 GiB.*enable_model_cpu_offload.*kv_cache_device"
+    ):
         checks.check_generation_fits(2 * checks.GiB, "cuda:0", limit_bytes=checks.GiB)
     assert 0 < checks.available_memory("cpu")

@@ -22,7 +22,9 @@ SLOW_VARIANTS = {"4.5B_distill", "24B_base", "24B_distill", "24B_distill_quant"}
 
 
 def _sparse_module():
-    spec = importlib.util.spec_from_file_location("sparse_checkpoints", REPO_ROOT / "benchmarks" / "sparse_checkpoints.py")
+    spec = importlib.util.spec_from_file_location(
+        "sparse_checkpoints", REPO_ROOT / "benchmarks" / "sparse_checkpoints.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -143,7 +145,9 @@ def test_missing_and_mis_shaped_tensors_are_named_before_reading(tmp_path, monke
 def test_device_and_device_map(reference_model, reference_dir):
     config, checkpoint = variant_config(VARIANT), variant_config(VARIANT).parent
     assert_same(load_original_transformer(config, checkpoint, device="cpu"), reference_model)
-    assert_same(load_original_transformer(config, checkpoint, device_map={"blocks": "cpu", "": "cpu"}), reference_model)
+    assert_same(
+        load_original_transformer(config, checkpoint, device_map={"blocks": "cpu", "": "cpu"}), reference_model
+    )
     placed = load_original_transformer(config, checkpoint, device_map="auto", max_memory={"cpu": "10GB"})
     assert_same(placed, reference_model)  # accelerate's planner, on the meta model with the planned dtypes
     with pytest.raises(ValueError, match="not both"):

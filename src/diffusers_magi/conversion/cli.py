@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="read only the safetensors headers of a local original layout and report, per component, the tensors "
-        "found, missing, unexpected and mis-shaped, dtypes, sizes and memory needed; exit 0 if conversion would succeed",
+        "found, missing, unexpected and mis-shaped, dtypes, sizes and memory needed; exit 0 if it would succeed",
     )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -93,14 +93,22 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if not args.dry_run and args.output is None:
         parser.error("--output is required (or pass --dry-run to only check the checkpoint)")
     if not args.dry_run and args.special_tokens is None:
-        parser.error("--special-tokens special_tokens.npz is required (example/assets of github.com/SandAI-org/MAGI-1)")
+        parser.error(
+            "--special-tokens special_tokens.npz is required (example/assets of github.com/SandAI-org/MAGI-1)"
+        )
     for flag, path in (("--special-tokens", args.special_tokens), ("--config", args.config)):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{flag} {path!r} is not a readable file")
-    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--vae-dir", args.vae_dir), ("--t5-dir", args.t5_dir)):
+    for flag, path in (
+        ("--checkpoint-dir", args.checkpoint_dir),
+        ("--vae-dir", args.vae_dir),
+        ("--t5-dir", args.t5_dir),
+    ):
         if path is not None and not os.path.isdir(path):
             parser.error(f"{flag} {path!r} is not a folder")
-    looks_local = args.source is not None and (os.path.isabs(args.source) or args.source.startswith(".") or args.source.count("/") != 1)
+    looks_local = args.source is not None and (
+        os.path.isabs(args.source) or args.source.startswith(".") or args.source.count("/") != 1
+    )
     if args.source is not None and not os.path.isdir(args.source) and (looks_local or args.dry_run):
         what = "--dry-run reads a local copy of the original layout" if args.dry_run else "it is not a Hub id either"
         parser.error(f"--source {args.source!r} is not a folder ({what})")

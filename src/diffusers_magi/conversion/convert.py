@@ -21,7 +21,11 @@ from .streaming import converted_tensors
 from .text_encoder import load_original_tokenizer
 
 # File names of the weights, as each library's save_pretrained writes them.
-_WEIGHTS_NAMES = {"transformer": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+_WEIGHTS_NAMES = {
+    "transformer": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
 
 
 def input_paths(sources: OriginalSources, special_tokens_path=None, config=None, source=None) -> list:
@@ -55,6 +59,7 @@ def _component_writer(name: str, model, weights, spec, plan, max_shard_size) -> 
             writer.abort()
 
     return write
+
 
 PathLike = Union[str, os.PathLike]
 
@@ -139,7 +144,13 @@ def convert_original_to_diffusers(
         dequantized_dtype=str(block_dtype).replace("torch.", "") if fp8 and dequantize_fp8 else None,
     )
     folder = save_pipeline_folder(
-        pipe, output_dir, card, max_shard_size=max_shard_size, overwrite=overwrite, streamed_components=streamed, inputs=inputs
+        pipe,
+        output_dir,
+        card,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        streamed_components=streamed,
+        inputs=inputs,
     )
     if push_to_hub is not None:
         push_folder_to_hub(folder, push_to_hub, token=token, private=private)

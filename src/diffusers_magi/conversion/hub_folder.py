@@ -76,7 +76,9 @@ def is_previous_output(folder: str) -> bool:
 
 
 def check_output_folder(
-    output_dir: Union[str, os.PathLike], overwrite: bool = False, inputs: Iterable[Optional[Union[str, os.PathLike]]] = ()
+    output_dir: Union[str, os.PathLike],
+    overwrite: bool = False,
+    inputs: Iterable[Optional[Union[str, os.PathLike]]] = (),
 ) -> str:
     """The absolute output path, checked before a long conversion so that a bad path fails first and nothing the user
     keeps is ever replaced.
@@ -94,7 +96,13 @@ def check_output_folder(
             continue
         real_source = os.path.realpath(str(source))
         if _inside(real_output, real_source) or _inside(real_source, real_output):
-            relation = "is" if real_output == real_source else "lies inside" if _inside(real_output, real_source) else "contains"
+            relation = (
+                "is"
+                if real_output == real_source
+                else "lies inside"
+                if _inside(real_output, real_source)
+                else "contains"
+            )
             raise ValueError(
                 f"The output folder {output_dir} {relation} the input {source}; writing there could destroy the "
                 "checkpoint being converted. Pick an output folder outside every input."
@@ -125,7 +133,9 @@ def remove_leftovers(output_dir: str) -> List[str]:
     removed = []
     if os.path.isdir(parent):
         for entry in os.listdir(parent):
-            if entry.startswith((f".{name}.partial-", f".{name}.previous-")) and os.path.isdir(os.path.join(parent, entry)):
+            if entry.startswith((f".{name}.partial-", f".{name}.previous-")) and os.path.isdir(
+                os.path.join(parent, entry)
+            ):
                 shutil.rmtree(os.path.join(parent, entry))
                 removed.append(os.path.join(parent, entry))
     if removed:

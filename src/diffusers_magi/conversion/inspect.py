@@ -121,9 +121,15 @@ def inspect_original(
     inspection = OriginalInspection(variant=sources.variant)
     planners = {
         "transformer": lambda: plan_original_transformer(
-            sources.config, sources.checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+            sources.config,
+            sources.checkpoint_dir,
+            special_tokens_path,
+            torch_dtype=torch_dtype,
+            dequantize_fp8=dequantize_fp8,
         ),
-        "vae": (lambda: plan_original_vae(sources.vae_dir, torch_dtype=torch_dtype or torch.float32)) if sources.vae_dir else None,
+        "vae": (lambda: plan_original_vae(sources.vae_dir, torch_dtype=torch_dtype or torch.float32))
+        if sources.vae_dir
+        else None,
         "text_encoder": (lambda: plan_original_text_encoder(sources.t5_dir)) if sources.t5_dir else None,
     }
     for name, planner in planners.items():

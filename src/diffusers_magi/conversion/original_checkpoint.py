@@ -186,13 +186,17 @@ class _ZstdStream:
         try:
             return self._reader.read(size)
         except self._error as error:
-            raise ValueError(f"{self._path} is not a valid zstd file (truncated or corrupt download?): {error}") from error
+            raise ValueError(
+                f"{self._path} is not a valid zstd file (truncated or corrupt download?): {error}"
+            ) from error
 
     def readinto(self, buffer) -> int:
         try:
             return self._reader.readinto(buffer)
         except self._error as error:
-            raise ValueError(f"{self._path} is not a valid zstd file (truncated or corrupt download?): {error}") from error
+            raise ValueError(
+                f"{self._path} is not a valid zstd file (truncated or corrupt download?): {error}"
+            ) from error
 
     def __enter__(self):
         return self
@@ -223,7 +227,9 @@ def _read_header_length(stream, path: str) -> int:
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt download?): it is too short.")
     (length,) = struct.unpack("<Q", raw)
     if length > _MAX_HEADER_BYTES:
-        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt download?): bad header length.")
+        raise ValueError(
+            f"{path} is not a valid safetensors file (truncated or corrupt download?): bad header length."
+        )
     return length
 
 
@@ -250,7 +256,11 @@ def read_safetensors_header(path: Union[str, os.PathLike]) -> Dict[str, TensorEn
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = SAFETENSORS_DTYPES.get(info["dtype"]), tuple(info["shape"]), info["data_offsets"]
+            dtype, shape, (start, end) = (
+                SAFETENSORS_DTYPES.get(info["dtype"]),
+                tuple(info["shape"]),
+                info["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{invalid}: bad header entry for {name}.") from error
         if dtype is None:
@@ -263,7 +273,9 @@ def read_safetensors_header(path: Union[str, os.PathLike]) -> Dict[str, TensorEn
         entries[name] = TensorEntry(name, shape, dtype, path, start, end)
         data_end = max(data_end, end)
     if not path.endswith(".zst") and os.path.getsize(path) < 8 + length + data_end:
-        raise ValueError(f"{invalid}: it is {os.path.getsize(path)} bytes long, its header needs {8 + length + data_end}.")
+        raise ValueError(
+            f"{invalid}: it is {os.path.getsize(path)} bytes long, its header needs {8 + length + data_end}."
+        )
     return dict(sorted(entries.items(), key=lambda item: item[1].start))
 
 
@@ -293,8 +305,8 @@ def open_safetensors_folder(folder: Union[str, os.PathLike]) -> SafetensorsWeigh
     """The tensors of an original weight folder, from the headers.
 
     The folder holds `model.safetensors`, or shards listed in `model.safetensors.index.json`; any of these files may
-    instead be stored zstd-compressed as `<name>.zst` (needs the `zstandard` package). As the original loader does, only
-    the tensors the index lists are read: a shard holding others is read for the listed ones, with a warning.
+    instead be stored zstd-compressed as `<name>.zst` (needs the `zstandard` package). As the original loader does,
+    only the tensors the index lists are read: a shard holding others is read for the listed ones, with a warning.
 
     Raises:
         FileNotFoundError: the folder, or a shard the index lists, is missing.

@@ -6,10 +6,10 @@ from typing import Dict, Optional, Union
 import torch
 
 from ..pipelines.pipeline_magi import MagiPipeline
+from ..placement import DEVICE_MAP_STRATEGIES
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .original_checkpoint import read_original_config
 from .original_layout import OriginalSources, download_original_snapshot, resolve_original_sources
-from ..placement import DEVICE_MAP_STRATEGIES
 from .streaming import load_component
 from .text_encoder import load_original_tokenizer, plan_original_text_encoder
 from .transformer import plan_original_transformer
@@ -56,7 +56,11 @@ def plan_original_components(
     load or a conversion works from, read from the configs and weight headers only."""
     components = {
         "transformer": plan_original_transformer(
-            sources.config, sources.checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+            sources.config,
+            sources.checkpoint_dir,
+            special_tokens_path,
+            torch_dtype=torch_dtype,
+            dequantize_fp8=dequantize_fp8,
         )
     }
     if sources.vae_dir is not None:
@@ -121,7 +125,9 @@ def convert_original_pipeline(
         if isinstance(placement, dict) or (isinstance(placement, str) and placement in DEVICE_MAP_STRATEGIES):
             loaded[name] = load_component(model, weights, spec, plan, device_map=placement)
         else:
-            loaded[name] = load_component(model, weights, spec, plan, device=placement if placement is not None else device)
+            loaded[name] = load_component(
+                model, weights, spec, plan, device=placement if placement is not None else device
+            )
     tokenizer = load_original_tokenizer(str(t5_dir)) if t5_dir is not None else None
     return MagiPipeline(
         transformer=loaded["transformer"],
@@ -179,5 +185,10 @@ def load_original_pipeline(
         raise TypeError(f"{sorted(download_kwargs)} only apply to Hub downloads; {path} is a local folder.")
     sources = resolve_original_sources(path, variant, config=config)
     return pipeline_from_sources(
-        sources, special_tokens, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8, device=device, device_map=device_map
+        sources,
+        special_tokens,
+        torch_dtype=torch_dtype,
+        dequantize_fp8=dequantize_fp8,
+        device=device,
+        device_map=device_map,
     )

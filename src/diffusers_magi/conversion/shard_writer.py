@@ -35,7 +35,9 @@ class StreamingShardWriter:
         max_shard_size (`int` or `str`): shards are cut before a tensor that would make them larger.
     """
 
-    def __init__(self, folder: str, weights_name: str, layout: Dict[str, torch.Tensor], max_shard_size: Union[int, str]):
+    def __init__(
+        self, folder: str, weights_name: str, layout: Dict[str, torch.Tensor], max_shard_size: Union[int, str]
+    ):
         from accelerate.utils import convert_file_size_to_int
 
         limit = convert_file_size_to_int(max_shard_size)

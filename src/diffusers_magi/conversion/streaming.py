@@ -106,14 +106,16 @@ class ComponentPlan:
         """Raise a `ValueError` naming the missing and mis-shaped tensors, if any."""
         problems = []
         if self.missing:
-            problems.append(
-                f"it lacks tensor(s) the model needs: {self.missing[:10]} ({len(self.missing)} in all)"
-            )
+            problems.append(f"it lacks tensor(s) the model needs: {self.missing[:10]} ({len(self.missing)} in all)")
         if self.mis_shaped:
-            shapes = [f"{name} has shape {got}, the config implies {want}" for name, (got, want) in self.mis_shaped.items()]
+            shapes = [
+                f"{name} has shape {got}, the config implies {want}" for name, (got, want) in self.mis_shaped.items()
+            ]
             problems.append(f"mis-shaped tensor(s): {'; '.join(shapes[:10])} ({len(shapes)} in all)")
         if problems:
-            raise ValueError(f"The {self.component} weights {self.source} do not fit the config: {'; '.join(problems)}.")
+            raise ValueError(
+                f"The {self.component} weights {self.source} do not fit the config: {'; '.join(problems)}."
+            )
 
     def warn_unexpected(self) -> None:
         """One warning listing the original tensors the model does not use (the original loader skips them too)."""
@@ -162,7 +164,9 @@ def _target(tensor: torch.Tensor, name: str, spec: ConversionSpec, expected: Ten
     return tensor.dtype if dtype is None else dtype
 
 
-def plan_component(component: str, model: torch.nn.Module, weights: SafetensorsWeights, spec: ConversionSpec) -> ComponentPlan:
+def plan_component(
+    component: str, model: torch.nn.Module, weights: SafetensorsWeights, spec: ConversionSpec
+) -> ComponentPlan:
     """Plan loading `weights` into `model` (built on the meta device) with `spec`, from the headers alone."""
     expected = model.state_dict()
     outputs, used, unexpected, ignored, mis_shaped, missing = {}, [], [], [], {}, []
@@ -235,8 +239,8 @@ def resolve_device_map(
 ) -> Dict[str, torch.device]:
     """One `{module prefix: device}` map from `device` or `device_map` (a dict, or an accelerate strategy such as
     `"auto"` planned on the meta model with the planned dtypes). `"disk"` placements are refused: a streamed load
-    writes nothing; convert the checkpoint with `magi-convert` and load the folder with `from_pretrained(device_map=...)`
-    to spill to disk."""
+    writes nothing; convert the checkpoint with `magi-convert` and load the folder with
+    `from_pretrained(device_map=...)` to spill to disk."""
     from ..placement import DEVICE_MAP_STRATEGIES, check_device, check_device_map
 
     if device is not None and device_map is not None:
@@ -250,16 +254,22 @@ def resolve_device_map(
         _assign_all(model, plan.outputs)  # meta tensors of the final dtypes, so the planner counts the right sizes
         no_split = getattr(model, "_no_split_modules", None) or []
         if device_map != "sequential" and max_memory is None:
-            max_memory = get_balanced_memory(model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+            max_memory = get_balanced_memory(
+                model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     elif not isinstance(device_map, dict):
         device_map = {"": device_map}
     if "disk" in device_map.values():
         raise ValueError(
-            "device_map places modules on 'disk', which a load from the original layout cannot do (it writes nothing); "
-            "convert the checkpoint with magi-convert and load the folder with from_pretrained(device_map=...)."
+            "device_map places modules on 'disk', which a load from the original layout cannot do (it writes "
+            "nothing); convert the checkpoint with magi-convert and load the folder with "
+            "from_pretrained(device_map=...)."
         )
-    return {prefix: torch.device(place) if not isinstance(place, int) else check_device(place, "device_map") for prefix, place in device_map.items()}
+    return {
+        prefix: torch.device(place) if not isinstance(place, int) else check_device(place, "device_map")
+        for prefix, place in device_map.items()
+    }
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

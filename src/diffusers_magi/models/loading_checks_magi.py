@@ -39,7 +39,11 @@ def _matches(value: Any, annotation: Any) -> bool:
 
 
 def _describe(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "") if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
+    return (
+        str(annotation).replace("typing.", "")
+        if typing.get_origin(annotation)
+        else getattr(annotation, "__name__", str(annotation))
+    )
 
 
 def check_config_types(cls: type, config: Mapping[str, Any], overrides: Mapping[str, Any] = ()) -> None:

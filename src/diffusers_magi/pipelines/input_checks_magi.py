@@ -119,7 +119,8 @@ def check_cfg_t_range(cfg_t_range: Optional[Sequence[Any]]) -> None:
 
 
 def check_scaling_factor(scaling_factor: Any) -> None:
-    """The VAE's `scaling_factor`: latents are divided by it before decoding, so 0 or a non-finite value is an error."""
+    """The VAE's `scaling_factor`: latents are divided by it before decoding, so 0 or a non-finite value is an
+    error."""
     check_float(scaling_factor, "vae.config.scaling_factor")
     if scaling_factor == 0:
         raise ValueError(
@@ -128,7 +129,9 @@ def check_scaling_factor(scaling_factor: Any) -> None:
         )
 
 
-def check_prompt_embeds_length(prompt_embeds: Optional[torch.Tensor], text_length: int, name: str = "prompt_embeds") -> None:
+def check_prompt_embeds_length(
+    prompt_embeds: Optional[torch.Tensor], text_length: int, name: str = "prompt_embeds"
+) -> None:
     """`prompt_embeds` must be `(batch, text_length, dim)`: the transformer's caption length (`text_length`)."""
     if prompt_embeds is None:
         return
@@ -173,7 +176,9 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
     return getattr(config, name, default)
 
 
-def tokens_per_chunk(transformer_config: Any, height: int, width: int, chunk_width: int = 6, vae_scale: int = 8) -> int:
+def tokens_per_chunk(
+    transformer_config: Any, height: int, width: int, chunk_width: int = 6, vae_scale: int = 8
+) -> int:
     """Transformer tokens of one latent chunk of a `height x width` video."""
     _, patch_h, patch_w = _get(transformer_config, "patch_size", (1, 2, 2))
     return chunk_width * (height // vae_scale // patch_h) * (width // vae_scale // patch_w)
@@ -201,7 +206,12 @@ class GenerationMemoryEstimate:
     @property
     def total(self) -> int:
         return (
-            self.latents + self.transformer_activations + self.attention_scores + self.kv_cache + self.decode + self.weights
+            self.latents
+            + self.transformer_activations
+            + self.attention_scores
+            + self.kv_cache
+            + self.decode
+            + self.weights
         )
 
     def describe(self) -> str:

@@ -41,7 +41,9 @@ def ffmpeg_error_summary(log: str, max_lines: int = 3) -> str:
     meaningful = [
         line
         for line in lines
-        if line and not line.startswith(_NOISE_PREFIXES) and not any(consequence in line for consequence in _CONSEQUENCES)
+        if line
+        and not line.startswith(_NOISE_PREFIXES)
+        and not any(consequence in line for consequence in _CONSEQUENCES)
     ]
     return " | ".join(meaningful[-max_lines:]) or "ffmpeg exited without a message"
 
@@ -93,7 +95,11 @@ class _FfmpegWriter:
             "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), path,
         ]  # fmt: skip
         self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=os.name == "posix"
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=os.name == "posix",
         )
 
     def _failure(self, what: str) -> RuntimeError:
