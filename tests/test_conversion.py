@@ -278,3 +278,14 @@ def test_convert_from_a_hub_repository_id(snapshot, tmp_path):
     assert download.call_args.args == ("sand-ai/MAGI-1",)
     assert download.call_args.kwargs["allow_patterns"][0] == f"ckpt/magi/{FP8_VARIANT}/inference_weight.fp8.distill/*"
     assert (output / "model_index.json").is_file()
+
+
+def test_dry_run_reports_every_component_of_the_layout(snapshot, tmp_path, capsys):
+    """Headers only: the transformer, VAE and T5 (pickled shards, memory-mapped) of the layout, and no output."""
+    output = tmp_path / "never-written"
+    args = ["--source", str(snapshot), "--variant", "tiny45_base", "--config", str(variant_config("tiny45_base"))]
+    assert magi_convert([*args, "--dry-run", "--output", str(output)]) == 0
+    report = capsys.readouterr().out
+    for component in ("transformer", "vae", "text_encoder"):
+        assert f"{component}: OK" in report, report
+    assert "conversion would succeed" in report and not output.exists()
