@@ -132,14 +132,16 @@ def check_scaling_factor(scaling_factor: Any) -> None:
 def check_prompt_embeds_length(
     prompt_embeds: Optional[torch.Tensor], text_length: int, name: str = "prompt_embeds"
 ) -> None:
-    """`prompt_embeds` must be `(batch, text_length, dim)`: the transformer's caption length (`text_length`)."""
+    """`prompt_embeds` must be `(batch, text_length, dim)` (or per chunk `(batch, chunks, text_length, dim)`), with
+    the transformer's caption length `text_length`."""
     if prompt_embeds is None:
         return
     check_tensor(prompt_embeds, name)
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[1] != text_length:
+    if prompt_embeds.ndim not in (3, 4) or prompt_embeds.shape[-2] != text_length:
         raise ValueError(
-            f"`{name}` must have shape (batch, {text_length}, text_dim): the transformer's text_length is "
-            f"{text_length}; got {tuple(prompt_embeds.shape)}. Pad or cut the encoder output to {text_length} tokens."
+            f"`{name}` must have shape (batch, {text_length}, text_dim) or (batch, chunks, {text_length}, text_dim): "
+            f"the transformer's text_length is {text_length}; got {tuple(prompt_embeds.shape)}. Pad or cut the "
+            f"encoder output to {text_length} tokens."
         )
 
 
