@@ -63,7 +63,7 @@ def test_layerwise_casting_equals_weights_rounded_to_float8(folder, bf16_output)
 
 @pytest.fixture(scope="module")
 def torchao():
-    return pytest.importorskip("torchao", reason="torchao is not installed (`pip install diffusers-magi[torchao]`)")
+    return pytest.importorskip("torchao", reason='torchao is not installed (`pip install -e ".[torchao]"`)')
 
 
 @pytest.mark.parametrize(

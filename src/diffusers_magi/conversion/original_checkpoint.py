@@ -216,7 +216,7 @@ def _import_zstandard(path: str):
     except ImportError as error:
         raise ImportError(
             f"{path} is zstd-compressed; reading it needs the `zstandard` package: `pip install zstandard` (or "
-            "`pip install diffusers-magi[zstd]`), or decompress it first with `zstd -d`."
+            "`pip install -e \".[zstd]\"` in a clone of diffusers-magi), or decompress it first with `zstd -d`."
         ) from error
     return zstandard
 

@@ -160,5 +160,6 @@ def load_original_tokenizer(t5_dir: str):
     except (ImportError, ValueError) as error:
         raise ValueError(
             f"Could not read the T5 tokenizer of {t5_dir}: {error}\nThe original ships it as spiece.model, which "
-            'needs the `sentencepiece` and `protobuf` packages: pip install "diffusers-magi[convert]".'
+            "needs the `sentencepiece` and `protobuf` packages: `pip install sentencepiece protobuf` (in a clone of "
+            'diffusers-magi: `pip install -e ".[convert]"`).'
         ) from error
