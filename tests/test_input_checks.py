@@ -104,6 +104,9 @@ def test_prompt_embeds_length():
         ValueError, match=r"`prompt_embeds` must have shape \(batch, 40, text_dim\).*got \(1, 39, 32\)"
     ):
         checks.check_prompt_embeds_length(torch.zeros(1, 39, 32), 40)
+    checks.check_prompt_embeds_length(torch.zeros(1, 3, 40, 32), 40)  # per chunk
+    with pytest.raises(ValueError, match=r"got \(1, 2, 39, 32\)"):
+        checks.check_prompt_embeds_length(torch.zeros(1, 2, 39, 32), 40)
 
 
 def test_callback_outputs():
