@@ -28,6 +28,7 @@ from diffusers.utils import BaseOutput, apply_lora_scale
 from ..loaders.peft_magi import MagiPeftAdapterMixin
 from ..placement import check_device_map
 from .attention_magi import ChunkAttentionLayout, MagiAttention, MagiLayerNorm
+from .cache_hooks_magi import register_cache_hooks
 from .context_parallel_magi import check_context_parallel_config, context_parallel_config, sequence_shards
 from .fp8_linear_magi import MagiFp8Linear
 from .kv_cache_magi import MagiKVCache
@@ -514,6 +515,22 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         r"""`ConfigMixin.from_config`, with a `TypeError` naming any config field of the wrong type."""
         check_config_types(cls, config if isinstance(config, dict) else {}, kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def enable_cache(self, config) -> None:
+        r"""Diffusers' `CacheMixin.enable_cache` (first-block cache, TaylorSeer, MagCache, FasterCache, pyramid
+        attention broadcast), with MAGI-1's block and attention registered with Diffusers' hook registries first
+        (`cache_hooks_magi`). The MAGI-1 guidance runs every pass in a cache context of its own window and branch;
+        see docs/performance.md for the settings that suit MAGI-1."""
+        from diffusers.hooks import FasterCacheConfig
+
+        if isinstance(config, FasterCacheConfig) and not config.is_guidance_distilled:
+            raise ValueError(
+                "FasterCache's unconditional-branch skipping expects [unconditional, conditional] batch halves, which "
+                "MAGI-1's guidance does not use; pass `FasterCacheConfig(..., is_guidance_distilled=True)` (attention "
+                "caching only)."
+            )
+        register_cache_hooks()
+        super().enable_cache(config)
 
     def enable_parallelism(self, *, config, cp_plan=None):
         r"""Diffusers' `enable_parallelism`: Ulysses context parallelism with `ContextParallelConfig(ulysses_degree=P)`

@@ -32,6 +32,7 @@ from typing import Hashable, Optional, Sequence, Tuple
 
 import torch
 
+from ..models.cache_hooks_magi import magi_cache_context
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiTransformer3DModel
 
@@ -159,7 +160,7 @@ class MagiGuidance:
             cache_window (hashable, *optional*): names the window for step caches (`transformer.enable_cache`): each
                 pass runs in `transformer.cache_context(f"{cache_window}/{call shape}/{branch}")`. The caller passes
                 a key that is the same for all calls of one window and differs between windows, and resets the cache
-                state (`reset_step_cache`) when the window moves. Defaults to `first_chunk_index` when a step cache is
+                state (`cache_hooks_magi.reset_step_cache`) when the window moves. Defaults to `first_chunk_index` when a step cache is
                 enabled (no context otherwise).
 
         Returns:
@@ -324,14 +325,6 @@ class MagiGuidance:
         return torch.cat([blended, velocity[:, :, (first + 1) * chunk_frames :]], dim=2)
 
 
-def reset_step_cache(transformer: MagiTransformer3DModel) -> None:
-    """Forget the state of the step cache enabled on `transformer` (`enable_cache`), if any: call it when a
-    generation starts and whenever the window moves, so that state never leaks across windows, calls or sessions and
-    old windows' states are freed."""
-    if getattr(transformer, "is_cache_enabled", False):
-        transformer._reset_stateful_cache()
-
-
 def _cache_window(transformer, cache_window, first_chunk_index: int, num_chunks: int, num_clean_chunks: int):
     """The prefix of a call's cache context names: the window (the caller's `cache_window`, else the call's first
     chunk when a step cache is enabled) and the call's shape (chunks, clean chunks), so that the pass that writes
@@ -345,7 +338,7 @@ def _cache_window(transformer, cache_window, first_chunk_index: int, num_chunks:
 
 
 def _cache_context(transformer, window, branch: str):
-    """`transformer.cache_context(f"{window}/{branch}")`, or nothing when `window` is `None`."""
+    """The cache context `f"{window}/{branch}"` (`magi_cache_context`), or nothing when `window` is `None`."""
     if window is None:
         return contextlib.nullcontext()
-    return transformer.cache_context(f"{window}/{branch}")
+    return magi_cache_context(transformer, f"{window}/{branch}")

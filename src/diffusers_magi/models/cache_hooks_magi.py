@@ -1,0 +1,108 @@
+"""Diffusers' step caches (`transformer.enable_cache(...)`) on the MAGI-1 transformer.
+
+First-block cache and MagCache look blocks up in Diffusers' `TransformerBlockRegistry` (where the hidden states are
+among a block's arguments and outputs); layer skipping looks attention processors up in the
+`AttentionProcessorRegistry` (what a skipped attention returns). `register_cache_hooks` adds MAGI-1's block and
+attention processor to both; `MagiTransformer3DModel.enable_cache` calls it, so nothing is registered (and Diffusers'
+registries, which import every Diffusers transformer, are not built) until a cache is enabled.
+
+A MAGI-1 block returns its hidden states alone, and a skipped MAGI-1 attention contributes nothing to the residual:
+its output is zero (the block adds the gated, normalised attention output to its input).
+
+Caches keep their state per `cache_context`; the guidance passes name one context per window and branch
+(`guidance_magi`), so a cache never compares calls of different chunks, shapes or guidance branches, and the pass
+that writes the KV cache, the first of its context, is always computed. Pyramid attention broadcast and FasterCache
+keep one state per hook instead (Diffusers 0.42): `magi_cache_context` gives them a state per context too.
+"""
+
+import contextlib
+
+import torch
+
+
+def _skip_magi_attention(attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Output of a skipped `MagiAttention`: zeros of its output shape (float32, `(batch, tokens, hidden_size)`)."""
+    return hidden_states.new_zeros(hidden_states.shape, dtype=torch.float32)
+
+
+def register_cache_hooks() -> None:
+    """Register `MagiTransformerBlock` and `MagiAttnProcessor` with Diffusers' hook registries (idempotent)."""
+    from diffusers.hooks._helpers import (
+        AttentionProcessorMetadata,
+        AttentionProcessorRegistry,
+        TransformerBlockMetadata,
+        TransformerBlockRegistry,
+    )
+
+    from .attention_magi import MagiAttnProcessor
+    from .transformer_magi import MagiTransformerBlock
+
+    TransformerBlockRegistry.register(
+        model_class=MagiTransformerBlock,
+        metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+    )
+    AttentionProcessorRegistry.register(
+        model_class=MagiAttnProcessor,
+        metadata=AttentionProcessorMetadata(skip_processor_output_fn=_skip_magi_attention),
+    )
+
+
+def _single_state_hooks(transformer: torch.nn.Module):
+    """Stateful hooks under `transformer` that keep one `state` instead of a `StateManager` (pyramid attention
+    broadcast, FasterCache)."""
+    from diffusers.hooks.hooks import StateManager
+
+    hooks = []
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            if hook._is_stateful and hasattr(hook, "state") and not any(isinstance(v, StateManager) for v in vars(hook).values()):
+                hooks.append(hook)
+    return hooks
+
+
+def _fresh_state(hook):
+    state = type(hook.state)()
+    # FasterCache's block hook skips its first call in the skip range unless the call's iteration is a positive
+    # multiple of its skip range (Diffusers expects the first timesteps outside that range); every context's first
+    # call must compute (it may write the KV cache), so a context's state starts at such an iteration.
+    block_skip_range = getattr(hook, "block_skip_range", None)
+    if type(hook).__name__ == "FasterCacheBlockHook" and block_skip_range:
+        state.iteration = block_skip_range
+    return state
+
+
+@contextlib.contextmanager
+def magi_cache_context(transformer: torch.nn.Module, name: str):
+    """`transformer.cache_context(name)`, and a state of its own under `name` for every hook that keeps a single
+    state, so that every cache keeps its state per context."""
+    for hook in _single_state_hooks(transformer):
+        if "_magi_context_states" not in vars(hook):
+            _track_context_states(hook)
+        states = hook._magi_context_states
+        if name not in states:
+            states[name] = _fresh_state(hook)
+        hook.state = states[name]
+    with transformer.cache_context(name):
+        yield
+
+
+def _track_context_states(hook) -> None:
+    """Give `hook` a state per context; its `reset_state` (what `_reset_stateful_cache` and the pipelines'
+    `maybe_free_model_hooks` call) then forgets every context's state."""
+    hook._magi_context_states = {}
+    reset_current_state = hook.reset_state
+
+    def reset_state(module):
+        hook._magi_context_states.clear()
+        return reset_current_state(module)
+
+    hook.reset_state = reset_state
+
+
+def reset_step_cache(transformer: torch.nn.Module) -> None:
+    """Forget the state of the step cache enabled on `transformer` (`enable_cache`), every context's: call it when a
+    generation starts and whenever the window moves, so that no state leaks across windows, calls or sessions and
+    the states of finished windows are freed. Does nothing without a cache."""
+    if getattr(transformer, "is_cache_enabled", False):
+        transformer._reset_stateful_cache()
