@@ -11,8 +11,8 @@ Each clip is resampled to `fps` (ffmpeg `fps` filter), scaled to cover `width x 
 centre-cropped (ffmpeg `scale` + `crop`), and its first `num_frames` frames (whole chunks of 24 frames) are encoded by
 the VAE (posterior mode, times `scaling_factor`, as the pipelines encode a prefix). The caption is cleaned and encoded
 by T5 as `MagiPipeline.encode_prompt` does. Both are written to `cache_dir` as one safetensors file per clip, named by
-a hash of the clip file, its caption and the settings, so a second run (or a resumed one) reads the cache and never
-loads the VAE's encoder work or T5 again.
+a hash of the clip file, its caption and the settings, so a second run (or a resumed one) reads the cache instead of
+running the VAE and T5 again.
 """
 
 import hashlib
@@ -122,12 +122,15 @@ def _cache_key(clip: MagiClip, settings: Dict) -> str:
 
 
 @torch.no_grad()
-def encode_prompt_cached(pipe, text: str, cache_dir: Path, model_id: str) -> Dict[str, torch.Tensor]:
-    """`pipe.encode_prompt(text)` through the cache: `{"prompt_embeds": (L, C), "prompt_attention_mask": (L,)}`."""
+def encode_prompt_cached(pipe, text: str, cache_dir: Path, model_id: str, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+    """`pipe.encode_prompt(text)` through the cache: `{"prompt_embeds": (L, C), "prompt_attention_mask": (L,)}`. The
+    text encoder goes to `device` only when the cache lacks the prompt, and back to the CPU after."""
     key = hashlib.sha1(json.dumps(dict(model=model_id, text=text)).encode()).hexdigest()[:16]
     path = cache_dir / f"prompt-{key}.safetensors"
     if not path.is_file():
-        embeds, mask = pipe.encode_prompt(text)
+        pipe.text_encoder.to(device)
+        embeds, mask = pipe.encode_prompt(text, device=device)
+        pipe.text_encoder.to("cpu")
         save_file({"prompt_embeds": embeds[0].float().cpu().contiguous(), "prompt_attention_mask": mask[0].cpu().contiguous()}, path)
     return load_file(path)
 
@@ -146,8 +149,10 @@ def encode_clips(
     progress: bool = True,
 ) -> List[Path]:
     """Encode every clip not yet in `cache_dir` (latents `(channels, frames, height / 8, width / 8)` float32, the
-    valid caption tokens `(tokens, text_dim)` float32) and return the cache files, one per clip, in clip order. The VAE
-    and text encoder of `pipe` are used here only; move them to `device` before and off it after."""
+    valid caption tokens `(tokens, text_dim)` float32) and return the cache files, one per clip, in clip order.
+
+    Two passes, so that one model at a time is on `device`: the VAE encodes the clips the cache lacks, then the text
+    encoder their captions; each goes back to the CPU after its pass (nothing moves when the cache is complete)."""
     from tqdm.auto import tqdm
 
     from ..pipelines.video_processing_magi import frames_to_video
@@ -155,22 +160,23 @@ def encode_clips(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(height=height, width=width, num_frames=num_frames, fps=fps, model=model_id)
-    files = []
-    for clip in tqdm(clips, desc="Caching latents and captions", disable=not progress):
-        path = cache_dir / f"clip-{_cache_key(clip, settings)}.safetensors"
-        if not path.is_file():
-            frames = load_clip_frames(clip.video, num_frames, height, width, fps)
-            vae = pipe.vae
-            video = frames_to_video(frames).to(device or vae.device, vae.dtype)
-            latents = vae.encode(video).latent_dist.mode() * vae.config.scaling_factor
-            embeds, mask = pipe.encode_prompt(clip.caption, device=device)
-            valid = mask[0].bool()
-            save_file(
-                {"latents": latents[0].float().cpu().contiguous(), "prompt_embeds": embeds[0][valid].float().cpu().contiguous()},
-                path,
-                metadata={"video": str(clip.video), "caption": clip.caption},
-            )
-        files.append(path)
+    files = [cache_dir / f"clip-{_cache_key(clip, settings)}.safetensors" for clip in clips]
+    missing = [(clip, path) for clip, path in zip(clips, files) if not path.is_file()]
+    if not missing:
+        return files
+    vae = pipe.vae.to(device)
+    latents = {}
+    for clip, path in tqdm(missing, desc="Encoding clips (VAE)", disable=not progress):
+        frames = load_clip_frames(clip.video, num_frames, height, width, fps)
+        video = frames_to_video(frames).to(device, vae.dtype)
+        latents[path] = (vae.encode(video).latent_dist.mode() * vae.config.scaling_factor)[0].float().cpu().contiguous()
+    vae.to("cpu")
+    pipe.text_encoder.to(device)
+    for clip, path in tqdm(missing, desc="Encoding captions (T5)", disable=not progress):
+        embeds, mask = pipe.encode_prompt(clip.caption, device=device)
+        tokens = embeds[0][mask[0].bool()].float().cpu().contiguous()
+        save_file({"latents": latents[path], "prompt_embeds": tokens}, path, metadata={"video": str(clip.video), "caption": clip.caption})
+    pipe.text_encoder.to("cpu")
     return files
 
 

@@ -250,23 +250,20 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
         raise ValueError(f"--model {args.model!r} has no {', '.join(missing)}; training encodes the clips with them.")
     model_id = f"{args.model}:{args.variant}"
 
-    # 1. Cache latents and captions (VAE and T5 on the accelerator only now), then free T5.
+    # 1. Cache latents and captions (the VAE, then T5, on the accelerator only while they encode), then free T5.
     cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        pipe.vae.to(device)
-        pipe.text_encoder.to(device)
         files = encode_clips(pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device)
         if args.validation_prompt is not None:
-            encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id)
+            encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         files = encode_clips(pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device, False)
     validation_caption = (
-        encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id) if args.validation_prompt is not None else None
+        encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device) if args.validation_prompt is not None else None
     )
     pipe.register_modules(text_encoder=None, tokenizer=None)
-    pipe.vae.to("cpu")
     dataset = MagiCachedClips(files, transformer.config.text_length)
 
     # 2. LoRA on the frozen transformer.
