@@ -38,6 +38,10 @@ chunks see the unconditional caption as in the sampler's cache pass. Guidance ne
 with probability `caption_dropout` a clip's caption is replaced by the learned null caption (`caption_dropped=True`,
 the "earlier chunks only" branch) and with probability `unconditional_dropout` each chunk additionally attends only to
 itself (the fully unconditional branch).
+
+One approximation: the adaLN caption token (`caption_dropped`) is per clip in a transformer call, so the finished
+chunks of a conditional clip are computed with the "caption present" token, while three-branch sampling writes the
+KV cache with the "caption dropped" one (distilled sampling writes it with "caption present", as here).
 """
 
 from dataclasses import dataclass
