@@ -1,0 +1,71 @@
+"""Batched guidance branches (`MagiGuidance(batch_branches=True)`): the conditional and earlier-chunks-only passes as
+one transformer call give the velocities and the KV cache of the passes run one by one, within 1e-6 of the output
+scale (`relative_max_error`, the parity metric: a different batch size rounds the float32 matmuls differently, and the
+guidance scales amplify that rounding up to 7.5x)."""
+
+import torch
+
+from diffusers_magi.models.kv_cache_magi import MagiKVCache
+from diffusers_magi.pipelines.guidance_magi import MagiGuidance
+
+from .conftest import relative_max_error
+from .tiny_models import tiny_transformer
+
+CHUNK_FRAMES = 6
+
+# (first chunk, attention starts, clean re-run chunks, chunk times): a window that grows, the re-run of finished
+# chunk 0 that writes it to the cache, then a window that reads it from the cache.
+CALLS = [
+    (0, (0, 0), 0, (0.6, 0.2)),
+    (0, (0, 0, 0), 1, (0.9999, 0.8, 0.4)),
+    (1, (0, 0, 0), 0, (0.9, 0.5, 0.1)),
+]
+
+
+def _run(transformer, batch_branches, batch_size=2):
+    guidance = MagiGuidance(batch_branches=batch_branches)
+    generator = torch.Generator().manual_seed(0)
+    cache = MagiKVCache(transformer.config.num_layers)
+    text_shape = (batch_size, 1, 40, transformer.config.text_dim)
+    velocities, caches = [], []
+    for first, starts, clean, times in CALLS:
+        num_chunks = len(starts)
+        latents = torch.randn(batch_size, 16, num_chunks * CHUNK_FRAMES, 4, 4, generator=generator)
+        embeds = torch.randn(text_shape, generator=generator).expand(-1, num_chunks, -1, -1)
+        mask = (torch.arange(40) < 25).float().expand(batch_size, num_chunks, -1)
+        negative = torch.randn(text_shape, generator=generator).expand(-1, num_chunks, -1, -1)
+        negative_mask = (torch.arange(40) < 10).float().expand(batch_size, num_chunks, -1)
+        timestep = torch.tensor(times)[None].expand(batch_size, -1)
+        velocities.append(
+            guidance.predict_velocity(
+                transformer, latents, timestep, embeds, mask, negative, negative_mask, first, starts, cache, clean
+            )
+        )
+        caches.append(cache.state_dict())
+    return velocities, caches
+
+
+def test_batched_branches_equal_sequential_passes():
+    transformer = tiny_transformer()
+    batched, batched_caches = _run(transformer, batch_branches=True)
+    sequential, sequential_caches = _run(transformer, batch_branches=False)
+    for ours, theirs in zip(batched, sequential):
+        assert relative_max_error(ours, theirs) <= 1e-6
+    assert sequential_caches[-1], "the calls wrote the cache"
+    for ours, theirs in zip(batched_caches, sequential_caches):
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert relative_max_error(ours[name], theirs[name]) <= 1e-6, name
+
+
+def test_branch_view_reads_for_every_branch_and_writes_one():
+    cache = MagiKVCache(1)
+    keys, values = torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4)
+    cache.layer(0).write(0, keys, values, num_chunks=2)
+    view = cache.branch_view(3, write_branch=2).layer(0)
+    read_keys, read_values = view.read(0, 1, torch.device("cpu"))
+    assert torch.equal(read_keys, keys[:, :4].repeat(3, 1, 1, 1)) and torch.equal(read_values, values[:, :4].repeat(3, 1, 1, 1))
+    stacked = torch.randn(6, 4, 2, 4)
+    view.write(2, stacked, stacked + 1, num_chunks=1)
+    assert cache.chunk_indices == [0, 1, 2]
+    assert torch.equal(cache.layer(0).read(2, 3, torch.device("cpu"))[0], stacked[4:])
