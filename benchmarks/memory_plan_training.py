@@ -33,7 +33,16 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import memory_plan  # noqa: E402
-from memory_plan import DTYPE, GPU_24GB, GiB, LiveTensorBytes, _existing, _gib, _patched, _table, meta_model  # noqa: E402
+from memory_plan import (
+    DTYPE,
+    GPU_24GB,
+    LiveTensorBytes,
+    _existing,
+    _gib,
+    _patched,
+    _table,
+    meta_model,
+)  # noqa: E402
 
 from diffusers_magi import MagiTransformer3DModel  # noqa: E402
 from diffusers_magi.models import attention_magi  # noqa: E402
@@ -81,7 +90,9 @@ def lora_parameters(model: MagiTransformer3DModel, rank: int, targets: Sequence[
     )
 
 
-def block_training_bytes(model: MagiTransformer3DModel, tokens: int, num_chunks: int, rank: int, targets: Sequence[str]) -> Dict[str, int]:
+def block_training_bytes(
+    model: MagiTransformer3DModel, tokens: int, num_chunks: int, rank: int, targets: Sequence[str]
+) -> Dict[str, int]:
     """`{"saved": ..., "peak": ..., "input": ...}`: the bytes a block keeps for its backward (its output included),
     the peak of its forward and backward, and the bytes of its input, for a clip of `num_chunks` chunks."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -129,7 +140,9 @@ def build_plan(small: bool = False, rank: int = RANK) -> dict:
         }
         num_layers = model.config.num_layers
         for chunks in CLIP_CHUNKS:
-            block = block_training_bytes(meta_model(MagiTransformer3DModel, **overrides), tokens, chunks, rank, TARGETS)
+            block = block_training_bytes(
+                meta_model(MagiTransformer3DModel, **overrides), tokens, chunks, rank, TARGETS
+            )
             rotary = 2 * chunks * tokens * 3 * (model.config.attention_head_dim // 8) * 4
             entry["clips"][chunks] = {
                 "checkpointing": num_layers * block["input"] + (block["peak"] - block["input"]) + rotary,
@@ -202,7 +215,9 @@ def main(argv: List[str] = None):
         doc = args.update_doc.read_text()
         before, after = doc.split(DOC_BEGIN, 1)[0], doc.split(DOC_END, 1)[1]
         args.update_doc.write_text(f"{before}{DOC_BEGIN}\n{text}\n{DOC_END}{after}")
-    print(f"MAGI-1 LoRA training memory plan ({'toy configuration' if args.small else 'real 4.5B / 24B shapes'}, torch {torch.__version__})")
+    print(
+        f"MAGI-1 LoRA training memory plan ({'toy configuration' if args.small else 'real 4.5B / 24B shapes'}, torch {torch.__version__})"
+    )
     print(text)
 
 

@@ -37,9 +37,26 @@ args = parser.parse_args()
 # 1. Train (latents and captions are cached in LORA_DIR/cache, so a second run skips the encoding).
 gpu = ["--mixed-precision", "bf16", "--gradient-checkpointing"] if torch.cuda.is_available() else []
 code = train_lora(
-    ["--model", args.model, *(["--variant", args.variant] if args.variant else []), "--data", args.data,
-     "--output", args.lora_dir, "--height", str(args.height), "--width", str(args.width),
-     "--num-frames", str(args.num_frames), "--max-steps", str(args.max_steps), "--seed", str(args.seed), *gpu]
+    [
+        "--model",
+        args.model,
+        *(["--variant", args.variant] if args.variant else []),
+        "--data",
+        args.data,
+        "--output",
+        args.lora_dir,
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width),
+        "--num-frames",
+        str(args.num_frames),
+        "--max-steps",
+        str(args.max_steps),
+        "--seed",
+        str(args.seed),
+        *gpu,
+    ]
 )
 if code:
     sys.exit(code)

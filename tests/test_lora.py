@@ -180,16 +180,49 @@ def test_lora_scale_through_attention_kwargs(base, lora_file):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda sd: {**sd, "transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99)}, r"'transformer\.blocks\.0\.attn\.to_q\.lora_A\.weight' has shape \(4, 99\).*64 -> 64"),
-        (lambda sd: {**sd, "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(128, 4)}, r"'transformer\.blocks\.0\.attn\.to_q\.lora_B\.weight' has shape \(128, 4\)"),
-        (lambda sd: {**sd, "transformer.blocks.7.attn.to_q.lora_A.weight": torch.zeros(4, 64)}, r"'transformer\.blocks\.7\.attn\.to_q\.lora_A\.weight' targets the module 'blocks\.7\.attn\.to_q'.*does not have"),
-        (lambda sd: {**sd, "transformer.blocks.0.attn.to_qkv.lora_A.weight": torch.zeros(4, 64)}, r"'transformer\.blocks\.0\.attn\.to_qkv\.lora_A\.weight' targets the module"),
-        (lambda sd: {**sd, "unet.down_blocks.0.proj.lora_A.weight": torch.zeros(4, 8)}, r"'unet\.down_blocks\.0\.proj\.lora_A\.weight' is not for the transformer"),
-        (lambda sd: {**sd, "transformer.blocks.0.attn.to_q.lora_down.weight": torch.zeros(4, 64)}, r"'transformer\.blocks\.0\.attn\.to_q\.lora_down\.weight' is not in the Diffusers/PEFT LoRA format"),
-        (lambda sd: {**sd, "transformer.blocks.0.attn.norm_q.lora_A.weight": torch.zeros(4, 16)}, r"'transformer\.blocks\.0\.attn\.norm_q\.lora_A\.weight' targets 'blocks\.0\.attn\.norm_q', a MagiLayerNorm"),
-        (lambda sd: {k: v for k, v in sd.items() if k != "transformer.blocks.1.ff.linear_in.lora_B.weight"}, r"'transformer\.blocks\.1\.ff\.linear_in\.lora_A\.weight' has no matching partner"),
+        (
+            lambda sd: {**sd, "transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99)},
+            r"'transformer\.blocks\.0\.attn\.to_q\.lora_A\.weight' has shape \(4, 99\).*64 -> 64",
+        ),
+        (
+            lambda sd: {**sd, "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(128, 4)},
+            r"'transformer\.blocks\.0\.attn\.to_q\.lora_B\.weight' has shape \(128, 4\)",
+        ),
+        (
+            lambda sd: {**sd, "transformer.blocks.7.attn.to_q.lora_A.weight": torch.zeros(4, 64)},
+            r"'transformer\.blocks\.7\.attn\.to_q\.lora_A\.weight' targets the module 'blocks\.7\.attn\.to_q'.*does not have",
+        ),
+        (
+            lambda sd: {**sd, "transformer.blocks.0.attn.to_qkv.lora_A.weight": torch.zeros(4, 64)},
+            r"'transformer\.blocks\.0\.attn\.to_qkv\.lora_A\.weight' targets the module",
+        ),
+        (
+            lambda sd: {**sd, "unet.down_blocks.0.proj.lora_A.weight": torch.zeros(4, 8)},
+            r"'unet\.down_blocks\.0\.proj\.lora_A\.weight' is not for the transformer",
+        ),
+        (
+            lambda sd: {**sd, "transformer.blocks.0.attn.to_q.lora_down.weight": torch.zeros(4, 64)},
+            r"'transformer\.blocks\.0\.attn\.to_q\.lora_down\.weight' is not in the Diffusers/PEFT LoRA format",
+        ),
+        (
+            lambda sd: {**sd, "transformer.blocks.0.attn.norm_q.lora_A.weight": torch.zeros(4, 16)},
+            r"'transformer\.blocks\.0\.attn\.norm_q\.lora_A\.weight' targets 'blocks\.0\.attn\.norm_q', a MagiLayerNorm",
+        ),
+        (
+            lambda sd: {k: v for k, v in sd.items() if k != "transformer.blocks.1.ff.linear_in.lora_B.weight"},
+            r"'transformer\.blocks\.1\.ff\.linear_in\.lora_A\.weight' has no matching partner",
+        ),
     ],
-    ids=["wrong-in-features", "wrong-out-features", "missing-block", "unknown-module", "other-model-prefix", "other-format", "not-a-linear", "missing-partner"],
+    ids=[
+        "wrong-in-features",
+        "wrong-out-features",
+        "missing-block",
+        "unknown-module",
+        "other-model-prefix",
+        "other-format",
+        "not-a-linear",
+        "missing-partner",
+    ],
 )
 def test_lora_for_a_different_model_is_a_clear_error(tmp_path, edit, match):
     pipe = tiny_pipeline()
@@ -201,7 +234,10 @@ def test_lora_for_a_different_model_is_a_clear_error(tmp_path, edit, match):
 
 def test_transformer_load_lora_adapter_checks_files_too(tmp_path):
     transformer = tiny_pipeline().transformer
-    save_file({"transformer.blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 64)}, tmp_path / "pytorch_lora_weights.safetensors")
+    save_file(
+        {"transformer.blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 64)},
+        tmp_path / "pytorch_lora_weights.safetensors",
+    )
     with pytest.raises(ValueError, match=r"'transformer\.blocks\.9\.attn\.to_q\.lora_A\.weight' targets the module"):
         transformer.load_lora_adapter(tmp_path, prefix="transformer")
 
@@ -217,7 +253,11 @@ def _fp8_pipeline():
     generator = torch.Generator().manual_seed(1)
     for module in pipe.transformer.modules():
         if isinstance(module, MagiFp8Linear):
-            module.fp8_weight.data = (torch.randn(module.fp8_weight.shape, generator=generator) * 100).to(torch.float8_e4m3fn).view(torch.uint8)
+            module.fp8_weight.data = (
+                (torch.randn(module.fp8_weight.shape, generator=generator) * 100)
+                .to(torch.float8_e4m3fn)
+                .view(torch.uint8)
+            )
             module.weight_scale.data = torch.tensor([0.01])
             module.input_scale.data = torch.full_like(module.input_scale, 0.02)
     return pipe
@@ -228,8 +268,21 @@ def test_fp8_linears_cannot_take_an_adapter_and_say_so():
 
     pipe = _fp8_pipeline()
     incompatible = adapter_incompatible_modules(pipe.transformer)
-    assert incompatible == [f"blocks.1.{path}" for path in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_cross_q", "attn.to_out", "ff.linear_in", "ff.linear_out")]
-    with pytest.raises(ValueError, match=r"cannot go on \['blocks\.1\.attn\.to_q'.*float8 linears.*dequantize_fp8=True"):
+    assert incompatible == [
+        f"blocks.1.{path}"
+        for path in (
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_cross_q",
+            "attn.to_out",
+            "ff.linear_in",
+            "ff.linear_out",
+        )
+    ]
+    with pytest.raises(
+        ValueError, match=r"cannot go on \['blocks\.1\.attn\.to_q'.*float8 linears.*dequantize_fp8=True"
+    ):
         pipe.load_lora_weights(_lora(pipe.transformer, seed=1))
     with pytest.raises(ValueError, match=r"cannot go on \['blocks\.1\.attn\.to_q'"):
         pipe.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
@@ -240,7 +293,10 @@ def test_fp8_checkpoint_takes_adapters_on_its_other_linears():
     block take the adapter; the output equals the merged weights."""
     pipe = _fp8_pipeline()
     base = _run(pipe)
-    state_dict = {**_lora(pipe.transformer, seed=1, blocks=[0, 2]), **_lora(pipe.transformer, seed=2, targets=["attn.to_cross_kv", "modulation"], blocks=[1])}
+    state_dict = {
+        **_lora(pipe.transformer, seed=1, blocks=[0, 2]),
+        **_lora(pipe.transformer, seed=2, targets=["attn.to_cross_kv", "modulation"], blocks=[1]),
+    }
     pipe.load_lora_weights(state_dict)
     adapted = _run(pipe)
     assert (adapted - base).abs().max() > 1e-2
@@ -340,13 +396,17 @@ def test_load_lora_weights_from_a_hub_id(lora_file, adapted_reference):
 
     def model_info(repo_id, *args, **kwargs):
         assert repo_id == "magi-test/lora"
-        return types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=path.name) for path in lora_file.iterdir()])
+        return types.SimpleNamespace(
+            siblings=[types.SimpleNamespace(rfilename=path.name) for path in lora_file.iterdir()]
+        )
 
     def hf_hub_download(repo_id, filename, *args, subfolder=None, **kwargs):
         assert repo_id == "magi-test/lora" and subfolder is None
         return str(lora_file / filename)
 
     pipe = tiny_pipeline()
-    with mock.patch.object(lora_base, "model_info", model_info), mock.patch.object(hub_utils, "hf_hub_download", hf_hub_download):
+    with mock.patch.object(lora_base, "model_info", model_info), mock.patch.object(
+        hub_utils, "hf_hub_download", hf_hub_download
+    ):
         pipe.load_lora_weights("magi-test/lora", adapter_name="from_hub")
     assert torch.equal(_run(pipe), adapted_reference)

@@ -13,7 +13,9 @@ from .tiny_models import tiny_transformer
 
 @pytest.fixture(scope="module")
 def training_plan():
-    spec = importlib.util.spec_from_file_location("memory_plan_training", REPO_ROOT / "benchmarks" / "memory_plan_training.py")
+    spec = importlib.util.spec_from_file_location(
+        "memory_plan_training", REPO_ROOT / "benchmarks" / "memory_plan_training.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["memory_plan_training"] = module
     spec.loader.exec_module(module)
@@ -44,14 +46,19 @@ def test_block_measurement_counts_the_backward(training_plan):
     from diffusers_magi import MagiTransformer3DModel
 
     config = memory_plan.SMALL_TRANSFORMERS["tiny"]
-    block = training_plan.block_training_bytes(memory_plan.meta_model(MagiTransformer3DModel, **config), 96, 2, 4, training_plan.TARGETS)
+    block = training_plan.block_training_bytes(
+        memory_plan.meta_model(MagiTransformer3DModel, **config), 96, 2, 4, training_plan.TARGETS
+    )
     assert block["input"] == 2 * 96 * config["hidden_size"] * 2  # bfloat16 tokens of two chunks
     assert block["input"] < block["saved"] < block["peak"]
 
 
 def test_memory_plan_training_runs_at_toy_size():
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "memory_plan_training.py"), "--small"], capture_output=True, text=True, timeout=600
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "memory_plan_training.py"), "--small"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "toy configuration" in result.stdout and "| tiny | 2 (48 frames, 192 tokens) |" in result.stdout
@@ -60,6 +67,6 @@ def test_memory_plan_training_runs_at_toy_size():
 def test_docs_training_md_holds_the_current_plan(training_plan):
     doc = (REPO_ROOT / "docs" / "training.md").read_text()
     generated = doc.split(training_plan.DOC_BEGIN, 1)[1].split(training_plan.DOC_END, 1)[0].strip()
-    assert generated == training_plan.report(training_plan.build_plan()), (
-        "run `python benchmarks/memory_plan_training.py --update-doc docs/training.md`"
-    )
+    assert generated == training_plan.report(
+        training_plan.build_plan()
+    ), "run `python benchmarks/memory_plan_training.py --update-doc docs/training.md`"

@@ -49,7 +49,9 @@ def test_chunk_noise_levels_are_monotone(chunk_times, time_distribution, num_pre
         # the three kinds of chunks the sampler has: finished (clean), in flight, not yet in the window (noise)
         finished, waiting = batch.positions >= 1, batch.positions < 0
         assert (t[finished] == objective.clean_t).all() and (t[waiting] == 0).all()
-        assert finished[:, num_prefix_chunks:].any() and waiting.any() and (~batch.loss_mask[:, num_prefix_chunks:]).any()
+        assert (
+            finished[:, num_prefix_chunks:].any() and waiting.any() and (~batch.loss_mask[:, num_prefix_chunks:]).any()
+        )
         assert torch.equal(batch.loss_mask, ~finished & ~waiting)
         assert (batch.loss_mask.sum(dim=1) <= objective.window_size).all()
     else:
@@ -113,7 +115,10 @@ def test_image_prefix_frame_is_clean_and_out_of_the_loss():
     clean = _latents(batch=4, chunks=2)
     batch = objective.prepare(clean, num_prefix_frames=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(batch.noisy_latents[:, :, :1], clean[:, :, :1])
-    assert not torch.equal(batch.noisy_latents[:, :, 1:2], clean[:, :, 1:2]) and (batch.timesteps[:, 0] < objective.clean_t).all()
+    assert (
+        not torch.equal(batch.noisy_latents[:, :, 1:2], clean[:, :, 1:2])
+        and (batch.timesteps[:, 0] < objective.clean_t).all()
+    )
     assert batch.loss_mask.all() and not batch.loss_frames[:, 0].any() and batch.loss_frames[:, 1:].all()
     wrong_prefix = batch.target.clone()
     wrong_prefix[:, :, 0] += 5.0
@@ -151,7 +156,9 @@ def test_attention_follows_the_samplers_reach_rules():
     objective = MagiChunkwiseFlowMatching.from_scheduler(scheduler)
     for call in scheduler.plan:
         positions = torch.full((call.first_chunk + call.num_chunks,), 2.0)  # chunks before the call: finished
-        positions[call.first_chunk + call.num_clean_chunks :] = torch.tensor(call.time_indices, dtype=torch.float32) / steps
+        positions[call.first_chunk + call.num_clean_chunks :] = (
+            torch.tensor(call.time_indices, dtype=torch.float32) / steps
+        )
         starts = objective.attention_starts(positions)
         assert starts[call.first_chunk :] == call.attention_starts, call
 
@@ -181,13 +188,21 @@ def test_one_transformer_call_per_attention_layout_with_per_chunk_timesteps_and_
     # Caption rows: the pipelines' special tokens on generated chunks, the null caption on clean / dropped rows.
     learned = transformer.caption_tokens()
     rows, row_masks = objective.caption_rows(learned, embeds, mask, batch)
-    expected, expected_mask = chunk_caption_rows(learned, embeds[:, None].expand(-1, 2, -1, -1), mask[:, None].expand(-1, 2, -1), ("hq", "duration"))
+    expected, expected_mask = chunk_caption_rows(
+        learned, embeds[:, None].expand(-1, 2, -1, -1), mask[:, None].expand(-1, 2, -1), ("hq", "duration")
+    )
     negative, negative_mask = negative_caption_rows(learned, 8)
     for row in range(8):
         for chunk in range(2):
             uses_negative = bool(batch.caption_dropped[row]) or bool(batch.positions[row, chunk] >= 1)
-            want = (negative[row], negative_mask[row]) if uses_negative else (expected[row, chunk], expected_mask[row, chunk])
-            assert torch.equal(rows[row, chunk], want[0]) and torch.equal(row_masks[row, chunk].float(), want[1].float())
+            want = (
+                (negative[row], negative_mask[row])
+                if uses_negative
+                else (expected[row, chunk], expected_mask[row, chunk])
+            )
+            assert torch.equal(rows[row, chunk], want[0]) and torch.equal(
+                row_masks[row, chunk].float(), want[1].float()
+            )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -196,13 +211,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     def gradients(checkpointing):
         transformer = tiny_transformer()
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=4, init_lora_weights=False, target_modules=["to_q", "to_v", "linear_in", "linear_out"]))  # A and B random: every gradient non-zero
+        transformer.add_adapter(
+            LoraConfig(r=4, init_lora_weights=False, target_modules=["to_q", "to_v", "linear_in", "linear_out"])
+        )  # A and B random: every gradient non-zero
         if checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         loss = MagiChunkwiseFlowMatching()(
-            transformer, _latents(batch=2, chunks=3), torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1)),
-            torch.ones(2, 40, dtype=torch.int64), generator=torch.Generator().manual_seed(2),
+            transformer,
+            _latents(batch=2, chunks=3),
+            torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1)),
+            torch.ones(2, 40, dtype=torch.int64),
+            generator=torch.Generator().manual_seed(2),
         ).loss
         loss.backward()
         return {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
@@ -242,7 +262,10 @@ def test_prepare_checks_its_inputs():
 def test_data_folder_layouts(tmp_path):
     write_moving_squares(tmp_path / "pairs", num_frames=24, size=32)
     clips = find_clips(tmp_path / "pairs")
-    assert [(clip.video.name, clip.caption) for clip in clips] == [("clip0.mp4", "a red square moves right"), ("clip1.mp4", "a blue square moves down")]
+    assert [(clip.video.name, clip.caption) for clip in clips] == [
+        ("clip0.mp4", "a red square moves right"),
+        ("clip1.mp4", "a blue square moves down"),
+    ]
     folder = write_moving_squares(tmp_path / "jsonl", num_frames=24, size=32, captions=False)
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "clip1.mp4", "text": "blue"}) + "\n")
     assert [(clip.video.name, clip.caption) for clip in find_clips(folder)] == [("clip1.mp4", "blue")]
@@ -286,9 +309,15 @@ def test_clip_shorter_than_one_chunk(tmp_path, capsys):
 
 def test_resolution_not_a_multiple_of_16(tmp_path, capsys):
     data = write_moving_squares(tmp_path / "data", num_frames=24, size=32)
-    assert "--resolution must be a positive multiple of 16 (VAE 8x, patch 2x), got 72" in _bad_input(tmp_path, capsys, data, "--resolution", "72")
-    assert "--width must be a positive multiple of 16 (VAE 8x, patch 2x), got 100" in _bad_input(tmp_path, capsys, data, "--height", "64", "--width", "100")
-    assert "either --resolution or --height/--width" in _bad_input(tmp_path, capsys, data, "--resolution", "64", "--width", "64")
+    assert "--resolution must be a positive multiple of 16 (VAE 8x, patch 2x), got 72" in _bad_input(
+        tmp_path, capsys, data, "--resolution", "72"
+    )
+    assert "--width must be a positive multiple of 16 (VAE 8x, patch 2x), got 100" in _bad_input(
+        tmp_path, capsys, data, "--height", "64", "--width", "100"
+    )
+    assert "either --resolution or --height/--width" in _bad_input(
+        tmp_path, capsys, data, "--resolution", "64", "--width", "64"
+    )
 
 
 def test_num_frames_not_whole_chunks(tmp_path, capsys):
@@ -302,7 +331,9 @@ def test_target_module_that_does_not_exist(tmp_path, capsys):
     assert "--target-modules: 'to_qkv' names no module of the transformer" in err and "'to_q'" in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="checks the error without bitsandbytes")
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is not None, reason="checks the error without bitsandbytes"
+)
 def test_8bit_adam_without_bitsandbytes(tmp_path, capsys):
     data = write_moving_squares(tmp_path / "data", num_frames=48, size=64)
     assert "--use-8bit-adam needs bitsandbytes" in _bad_input(tmp_path, capsys, data, "--use-8bit-adam")
@@ -326,11 +357,39 @@ def test_train_lora_end_to_end_resume_and_load(tmp_path):
     count with the loss sequence of the uninterrupted run."""
     data = write_moving_squares(tmp_path / "data")
     common = [
-        *BASE_ARGS, "--resolution", "64", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "40",
-        "--learning-rate", "1e-2", "--rank", "16", "--checkpointing-steps", "20",
-        "--target-modules", "patch_embedding,to_q,to_k,to_v,to_out,linear_in,linear_out,proj_out",
+        *BASE_ARGS,
+        "--resolution",
+        "64",
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-steps",
+        "40",
+        "--learning-rate",
+        "1e-2",
+        "--rank",
+        "16",
+        "--checkpointing-steps",
+        "20",
+        "--target-modules",
+        "patch_embedding,to_q,to_k,to_v,to_out,linear_in,linear_out,proj_out",
     ]
-    run = subprocess.run([sys.executable, "-m", "diffusers_magi.training.train_lora", *common, "--output", str(tmp_path / "full"), "--validation-prompt", "a red square"], capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffusers_magi.training.train_lora",
+            *common,
+            "--output",
+            str(tmp_path / "full"),
+            "--validation-prompt",
+            "a red square",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     log = _losses(tmp_path / "full")
     assert [entry["step"] for entry in log] == list(range(1, 41))
@@ -338,12 +397,25 @@ def test_train_lora_end_to_end_resume_and_load(tmp_path):
     assert all(map(lambda loss: loss == loss and abs(loss) < float("inf"), losses))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     assert (tmp_path / "full" / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(path.name for path in (tmp_path / "full" / "validation").iterdir()) == ["step-000020.mp4", "step-000040.mp4"]
+    assert sorted(path.name for path in (tmp_path / "full" / "validation").iterdir()) == [
+        "step-000020.mp4",
+        "step-000040.mp4",
+    ]
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "diffusers_magi.training.train_lora", *common, "--output", str(tmp_path / "resumed"),
-         "--resume-from-checkpoint", str(tmp_path / "full" / "checkpoint-20")],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "diffusers_magi.training.train_lora",
+            *common,
+            "--output",
+            str(tmp_path / "resumed"),
+            "--resume-from-checkpoint",
+            str(tmp_path / "full" / "checkpoint-20"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(tmp_path / "resumed") == log[20:]
@@ -363,9 +435,26 @@ def test_train_lora_in_bfloat16_with_gradient_checkpointing(tmp_path):
 
     data = write_moving_squares(tmp_path / "data")
     run = subprocess.run(  # a fresh process: accelerate's mixed-precision state is per process
-        [sys.executable, "-m", "diffusers_magi.training.train_lora", *BASE_ARGS, "--resolution", "64", "--data", str(data),
-         "--output", str(tmp_path / "out"), "--max-steps", "3", "--mixed-precision", "bf16", "--gradient-checkpointing"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "diffusers_magi.training.train_lora",
+            *BASE_ARGS,
+            "--resolution",
+            "64",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "3",
+            "--mixed-precision",
+            "bf16",
+            "--gradient-checkpointing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [entry["loss"] for entry in _losses(tmp_path / "out")]
@@ -382,10 +471,32 @@ def test_train_lora_data_parallel_on_two_cpu_processes(tmp_path):
 
     data = write_moving_squares(tmp_path / "data")
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffusers_magi.training.train_lora",
-         *BASE_ARGS, "--resolution", "64", "--data", str(data), "--output", str(tmp_path / "out"), "--max-steps", "3",
-         "--batch-size", "2", "--unconditional-dropout", "0.5"],  # rows with different attention ranges: several calls
-        capture_output=True, text=True, timeout=900, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "diffusers_magi.training.train_lora",
+            *BASE_ARGS,
+            "--resolution",
+            "64",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--unconditional-dropout",
+            "0.5",
+        ],  # rows with different attention ranges: several calls
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     log = _losses(tmp_path / "out")

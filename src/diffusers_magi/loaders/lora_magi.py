@@ -43,7 +43,9 @@ class MagiLoraLoaderMixin(LoraBaseMixin):
 
     @classmethod
     @validate_hf_hub_args
-    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Union[str, os.PathLike, Dict[str, torch.Tensor]], **kwargs):
+    def lora_state_dict(
+        cls, pretrained_model_name_or_path_or_dict: Union[str, os.PathLike, Dict[str, torch.Tensor]], **kwargs
+    ):
         r"""
         The LoRA tensors of a folder, file, Hub id or state dict, without loading them into a model.
 
@@ -179,7 +181,11 @@ class MagiLoraLoaderMixin(LoraBaseMixin):
         r"""Fold the active adapters (or `adapter_names`), times `lora_scale`, into the transformer's weights; the
         adapters stay loaded (`unfuse_lora` restores the base weights)."""
         super().fuse_lora(
-            components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
+            components=components,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
         )
 
     def unfuse_lora(self, components: List[str] = ["transformer"], **kwargs):

@@ -97,7 +97,11 @@ def check_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                 "(only linear and convolution layers can); this LoRA was made for a different model."
             )
         if suffix == ".lora_A.weight":
-            rank, fits, expected = tensor.shape[0], tensor.ndim >= 2 and tensor.shape[1] == in_size, f"(rank, {in_size})"
+            rank, fits, expected = (
+                tensor.shape[0],
+                tensor.ndim >= 2 and tensor.shape[1] == in_size,
+                f"(rank, {in_size})",
+            )
         elif suffix == ".lora_B.weight":
             rank = tensor.shape[1] if tensor.ndim >= 2 else -1
             fits, expected = tensor.ndim >= 2 and tensor.shape[0] == out_size, f"({out_size}, rank)"
@@ -138,7 +142,9 @@ class MagiPeftAdapterMixin(PeftAdapterMixin):
                 raise _fp8_error(targeted, self)
         super().add_adapter(adapter_config, adapter_name)
 
-    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap: bool = False, **kwargs):
+    def load_lora_adapter(
+        self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap: bool = False, **kwargs
+    ):
         r"""Diffusers' `load_lora_adapter` (a local folder, Hub id, file or state dict); the tensors are checked first
         and a LoRA for another model is a `ValueError` that names the offending tensor."""
         if not isinstance(pretrained_model_name_or_path_or_dict, dict):
@@ -168,4 +174,6 @@ class MagiPeftAdapterMixin(PeftAdapterMixin):
                 kwargs["metadata"] = metadata
             pretrained_model_name_or_path_or_dict = state_dict
         check_lora_state_dict(self, pretrained_model_name_or_path_or_dict, prefix)
-        return super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap, **kwargs)
+        return super().load_lora_adapter(
+            pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap, **kwargs
+        )

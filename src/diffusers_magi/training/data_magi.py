@@ -58,7 +58,9 @@ def find_clips(data_dir: os.PathLike) -> List[MagiClip]:
                     f"{metadata}: line {number} must be a JSON object with 'file_name' and 'text', got {line[:200]!r}."
                 ) from None
             if not video.is_file():
-                raise ValueError(f"{metadata}: line {number} names {entry['file_name']!r}, which does not exist in {root}.")
+                raise ValueError(
+                    f"{metadata}: line {number} names {entry['file_name']!r}, which does not exist in {root}."
+                )
             clips.append(MagiClip(video, str(caption)))
     else:
         for video in sorted(path for path in root.rglob("*") if path.suffix.lower() in VIDEO_EXTENSIONS):
@@ -95,7 +97,8 @@ def check_clip_lengths(clips: Sequence[MagiClip], num_frames: int, fps: int) -> 
         if frames < num_frames:
             raise ValueError(
                 f"The clip {str(clip.video)!r} has about {frames} frames at {fps} fps ({seconds:.2f} s), fewer than "
-                f"--num-frames {num_frames}" + (f" (one chunk is {FRAMES_PER_CHUNK} frames)" if frames < FRAMES_PER_CHUNK else "")
+                f"--num-frames {num_frames}"
+                + (f" (one chunk is {FRAMES_PER_CHUNK} frames)" if frames < FRAMES_PER_CHUNK else "")
                 + "; remove it or lower --num-frames."
             )
 
@@ -106,7 +109,9 @@ def load_clip_frames(video: os.PathLike, num_frames: int, height: int, width: in
     from ..pipelines.video_processing_magi import _run_ffmpeg
 
     crop = f"fps=fps={fps},scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height}"
-    frames = _run_ffmpeg(["-i", os.fspath(video), "-vf", crop, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"], None, height, width)
+    frames = _run_ffmpeg(
+        ["-i", os.fspath(video), "-vf", crop, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"], None, height, width
+    )
     if frames.shape[0] < num_frames:
         raise ValueError(
             f"The clip {str(video)!r} has {frames.shape[0]} frames at {fps} fps, fewer than --num-frames {num_frames}; "
@@ -117,12 +122,16 @@ def load_clip_frames(video: os.PathLike, num_frames: int, height: int, width: in
 
 def _cache_key(clip: MagiClip, settings: Dict) -> str:
     stat = clip.video.stat()
-    record = dict(settings, video=str(clip.video.resolve()), size=stat.st_size, mtime=stat.st_mtime_ns, caption=clip.caption)
+    record = dict(
+        settings, video=str(clip.video.resolve()), size=stat.st_size, mtime=stat.st_mtime_ns, caption=clip.caption
+    )
     return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def encode_prompt_cached(pipe, text: str, cache_dir: Path, model_id: str, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+def encode_prompt_cached(
+    pipe, text: str, cache_dir: Path, model_id: str, device: Optional[torch.device] = None
+) -> Dict[str, torch.Tensor]:
     """`pipe.encode_prompt(text)` through the cache: `{"prompt_embeds": (L, C), "prompt_attention_mask": (L,)}`. The
     text encoder goes to `device` only when the cache lacks the prompt, and back to the CPU after."""
     key = hashlib.sha1(json.dumps(dict(model=model_id, text=text)).encode()).hexdigest()[:16]
@@ -131,7 +140,13 @@ def encode_prompt_cached(pipe, text: str, cache_dir: Path, model_id: str, device
         pipe.text_encoder.to(device)
         embeds, mask = pipe.encode_prompt(text, device=device)
         pipe.text_encoder.to("cpu")
-        save_file({"prompt_embeds": embeds[0].float().cpu().contiguous(), "prompt_attention_mask": mask[0].cpu().contiguous()}, path)
+        save_file(
+            {
+                "prompt_embeds": embeds[0].float().cpu().contiguous(),
+                "prompt_attention_mask": mask[0].cpu().contiguous(),
+            },
+            path,
+        )
     return load_file(path)
 
 
@@ -169,13 +184,19 @@ def encode_clips(
     for clip, path in tqdm(missing, desc="Encoding clips (VAE)", disable=not progress):
         frames = load_clip_frames(clip.video, num_frames, height, width, fps)
         video = frames_to_video(frames).to(device, vae.dtype)
-        latents[path] = (vae.encode(video).latent_dist.mode() * vae.config.scaling_factor)[0].float().cpu().contiguous()
+        latents[path] = (
+            (vae.encode(video).latent_dist.mode() * vae.config.scaling_factor)[0].float().cpu().contiguous()
+        )
     vae.to("cpu")
     pipe.text_encoder.to(device)
     for clip, path in tqdm(missing, desc="Encoding captions (T5)", disable=not progress):
         embeds, mask = pipe.encode_prompt(clip.caption, device=device)
         tokens = embeds[0][mask[0].bool()].float().cpu().contiguous()
-        save_file({"latents": latents[path], "prompt_embeds": tokens}, path, metadata={"video": str(clip.video), "caption": clip.caption})
+        save_file(
+            {"latents": latents[path], "prompt_embeds": tokens},
+            path,
+            metadata={"video": str(clip.video), "caption": clip.caption},
+        )
     pipe.text_encoder.to("cpu")
     return files
 

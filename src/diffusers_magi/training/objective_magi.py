@@ -279,7 +279,9 @@ class MagiChunkwiseFlowMatching:
 
         clean = latents.float()
         noisy = self.add_noise(clean, noise, timesteps.to(latents.device))
-        finished = (positions >= 1).to(latents.device).repeat_interleave(self.chunk_width, dim=1)[:, None, :, None, None]
+        finished = (
+            (positions >= 1).to(latents.device).repeat_interleave(self.chunk_width, dim=1)[:, None, :, None, None]
+        )
         noisy = torch.where(finished, clean, noisy)  # clean chunks are given exactly, as the KV cache holds them
         noisy[:, :, :num_prefix_frames] = clean[:, :, :num_prefix_frames]
         loss_mask = (positions >= 0) & (positions < 1)
@@ -314,7 +316,9 @@ class MagiChunkwiseFlowMatching:
         counts = frames.unflatten(1, (num_chunks, -1)).sum(dim=2)
         mask = batch.loss_mask.to(error.dtype)
         chunk_losses = per_chunk / counts.clamp(min=1) * mask
-        return MagiTrainingLoss(loss=chunk_losses.sum() / mask.sum().clamp(min=1), chunk_losses=chunk_losses, batch=batch)
+        return MagiTrainingLoss(
+            loss=chunk_losses.sum() / mask.sum().clamp(min=1), chunk_losses=chunk_losses, batch=batch
+        )
 
     def caption_rows(
         self,
@@ -375,7 +379,9 @@ class MagiChunkwiseFlowMatching:
         batch = self.prepare(latents, num_prefix_frames, generator)
         with torch.no_grad():
             learned_tokens = model.caption_tokens()
-        embeds, mask = self.caption_rows(learned_tokens, prompt_embeds, prompt_attention_mask, batch, num_prefix_frames)
+        embeds, mask = self.caption_rows(
+            learned_tokens, prompt_embeds, prompt_attention_mask, batch, num_prefix_frames
+        )
         step_size = None
         if model.config.step_size_conditioning:
             step_size = self.step_size if self.step_size is not None else 32.0
@@ -415,4 +421,3 @@ class MagiChunkwiseFlowMatching:
             for offset, row in enumerate(rows):
                 outputs[row] = velocity[offset]
         return torch.stack(outputs)
-

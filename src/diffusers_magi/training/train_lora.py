@@ -24,7 +24,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .data_magi import check_clip_lengths, check_num_frames, encode_clips, encode_prompt_cached, find_clips, MagiCachedClips
+from .data_magi import (
+    check_clip_lengths,
+    check_num_frames,
+    encode_clips,
+    encode_prompt_cached,
+    find_clips,
+    MagiCachedClips,
+)
 from .objective_magi import CHUNK_TIME_MODES, TIME_DISTRIBUTIONS, MagiChunkwiseFlowMatching
 
 DEFAULT_TARGET_MODULES = "to_q,to_k,to_v,to_cross_q,to_cross_kv,to_out,linear_in,linear_out"
@@ -37,11 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="magi-train-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="sand-ai/MAGI-1", help="tiny-random, a converted folder, a Hub id, or the original layout (with --variant).")
+    model.add_argument(
+        "--model",
+        default="sand-ai/MAGI-1",
+        help="tiny-random, a converted folder, a Hub id, or the original layout (with --variant).",
+    )
     model.add_argument("--variant", default=None, help="variant of the original layout, e.g. 4.5B_base.")
-    model.add_argument("--special-tokens-file", default=None, help="the original special_tokens.npz (original layout).")
+    model.add_argument(
+        "--special-tokens-file", default=None, help="the original special_tokens.npz (original layout)."
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="folder of videos with same-name .txt captions, or with a metadata.jsonl.")
+    data.add_argument(
+        "--data", required=True, help="folder of videos with same-name .txt captions, or with a metadata.jsonl."
+    )
     data.add_argument("--output", required=True, help="folder for the LoRA, checkpoints, validation videos and log.")
     data.add_argument("--cache-dir", default=None, help="latent and caption cache (unset: OUTPUT/cache).")
     data.add_argument("--resolution", type=int, default=None, help="square size in pixels (or --height and --width).")
@@ -70,16 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     objective.add_argument("--caption-dropout", type=float, default=0.1)
     objective.add_argument("--unconditional-dropout", type=float, default=0.05)
     objective.add_argument(
-        "--num-prefix-frames", type=int, default=0,
+        "--num-prefix-frames",
+        type=int,
+        default=0,
         help="leading latent frames kept clean as conditioning, out of the loss: 1 = image-to-video (the first frame), 6 = one chunk (video-to-video).",
     )
     checkpoints = parser.add_argument_group("checkpoints, validation, logging")
-    checkpoints.add_argument("--checkpointing-steps", type=int, default=500, help="save a checkpoint every N steps (0: never).")
-    checkpoints.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' (in OUTPUT).")
-    checkpoints.add_argument("--validation-prompt", default=None, help="render a short video at every checkpoint and at the end.")
+    checkpoints.add_argument(
+        "--checkpointing-steps", type=int, default=500, help="save a checkpoint every N steps (0: never)."
+    )
+    checkpoints.add_argument(
+        "--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' (in OUTPUT)."
+    )
+    checkpoints.add_argument(
+        "--validation-prompt", default=None, help="render a short video at every checkpoint and at the end."
+    )
     checkpoints.add_argument("--validation-num-frames", type=int, default=24)
-    checkpoints.add_argument("--validation-inference-steps", type=int, default=None, help="validation steps (unset: the pipeline's default).")
-    checkpoints.add_argument("--log-file", default=None, help="JSON lines, one per optimisation step (unset: OUTPUT/train_log.jsonl).")
+    checkpoints.add_argument(
+        "--validation-inference-steps",
+        type=int,
+        default=None,
+        help="validation steps (unset: the pipeline's default).",
+    )
+    checkpoints.add_argument(
+        "--log-file", default=None, help="JSON lines, one per optimisation step (unset: OUTPUT/train_log.jsonl)."
+    )
     return parser
 
 
@@ -94,7 +124,9 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("resolution", "height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
-            raise ValueError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE} (VAE 8x, patch 2x), got {value}.")
+            raise ValueError(
+                f"--{name} must be a positive multiple of {SIZE_MULTIPLE} (VAE 8x, patch 2x), got {value}."
+            )
     check_num_frames(args.num_frames)
     if args.validation_prompt is not None:
         check_num_frames(args.validation_num_frames)
@@ -238,10 +270,14 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
 
     from ..loading import load_pipeline
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
+    )
     device = accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    pipe = load_pipeline(args.model, variant=args.variant, special_tokens=args.special_tokens_file, torch_dtype=weight_dtype)
+    pipe = load_pipeline(
+        args.model, variant=args.variant, special_tokens=args.special_tokens_file, torch_dtype=weight_dtype
+    )
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
     check_target_modules(transformer, args.target_modules)
@@ -254,14 +290,20 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        files = encode_clips(pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device)
+        files = encode_clips(
+            pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device
+        )
         if args.validation_prompt is not None:
             encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        files = encode_clips(pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device, False)
+        files = encode_clips(
+            pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device, False
+        )
     validation_caption = (
-        encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device) if args.validation_prompt is not None else None
+        encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device)
+        if args.validation_prompt is not None
+        else None
     )
     pipe.register_modules(text_encoder=None, tokenizer=None)
     dataset = MagiCachedClips(files, transformer.config.text_length)
@@ -270,7 +312,9 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     transformer.requires_grad_(False)
     transformer.to(device)
     transformer.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=args.target_modules)
+        LoraConfig(
+            r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=args.target_modules
+        )
     )
     cast_training_params(transformer, torch.float32)
     if args.gradient_checkpointing:
@@ -283,7 +327,9 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     else:
         optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate)
     warmup = args.lr_warmup_steps
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+    )
     objective = MagiChunkwiseFlowMatching.from_scheduler(
         pipe.scheduler,
         chunk_times=args.chunk_times,
@@ -295,7 +341,9 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     global_step = 0
     if checkpoint is not None:
         lora = load_file(checkpoint / LORA_WEIGHT_NAME)
-        set_peft_model_state_dict(transformer, {key.removeprefix("transformer."): value for key, value in lora.items()})
+        set_peft_model_state_dict(
+            transformer, {key.removeprefix("transformer."): value for key, value in lora.items()}
+        )
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.bin", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.bin", weights_only=True))
         global_step = json.loads((checkpoint / "training_state.json").read_text())["step"]
@@ -306,7 +354,11 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     log_path = Path(args.log_file) if args.log_file else output / "train_log.jsonl"
     if accelerator.is_main_process:
         # A fresh run starts an empty log; a resumed one keeps the steps up to its checkpoint.
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step] if checkpoint is not None and log_path.is_file() else []
+        kept = (
+            [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+            if checkpoint is not None and log_path.is_file()
+            else []
+        )
         log_path.write_text("".join(f"{line}\n" for line in kept))
 
     def validate(step: int) -> None:
@@ -339,7 +391,12 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
         (folder / "training_state.json").write_text(json.dumps({"step": step, "seed": args.seed}))
 
     # 3. Train.
-    progress = tqdm(total=args.max_steps, initial=global_step, desc="magi-train-lora", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=args.max_steps,
+        initial=global_step,
+        desc="magi-train-lora",
+        disable=not accelerator.is_local_main_process,
+    )
     transformer.train()
     samples_per_step = args.batch_size * accelerator.num_processes
     while global_step < args.max_steps:
@@ -348,7 +405,9 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
             micro_step = global_step * args.gradient_accumulation_steps + micro
             position = (micro_step * accelerator.num_processes + accelerator.process_index) * args.batch_size
             batch = _collate(dataset, clip_indices(position, args.batch_size, len(dataset), args.seed), device)
-            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index)
+            generator = torch.Generator().manual_seed(
+                (args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index
+            )
             with accelerator.accumulate(transformer):
                 with accelerator.autocast():
                     result = objective(
@@ -370,12 +429,24 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
         global_step += 1
         loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
         if not math.isfinite(loss):
-            raise ValueError(f"The loss became {loss} at step {global_step}; lower --learning-rate or use --mixed-precision bf16.")
+            raise ValueError(
+                f"The loss became {loss} at step {global_step}; lower --learning-rate or use --mixed-precision bf16."
+            )
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
         if accelerator.is_main_process:
             with log_path.open("a") as log:
-                log.write(json.dumps({"step": global_step, "loss": loss, "lr": lr_scheduler.get_last_lr()[0], "samples": global_step * samples_per_step * args.gradient_accumulation_steps}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": global_step,
+                            "loss": loss,
+                            "lr": lr_scheduler.get_last_lr()[0],
+                            "samples": global_step * samples_per_step * args.gradient_accumulation_steps,
+                        }
+                    )
+                    + "\n"
+                )
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < args.max_steps:
             save_checkpoint(global_step)
             validate(global_step)
