@@ -31,6 +31,7 @@ SECTIONS = {
     ],
     "Models": ["MagiTransformer3DModel", "MagiKVCache", "AutoencoderMagi"],
     "Scheduler and guidance": ["MagiChunkScheduler", "MagiGuidance"],
+    "Modular Diffusers": ["MagiModularPipeline", "MagiAutoBlocks"],
 }
 OWN_METHODS_OF = {"MagiImageToVideoPipeline": ["__call__"], "MagiVideoToVideoPipeline": ["__call__"]}
 INTERNAL_METHODS = {"register_to_config"}  # overrides of Diffusers plumbing, not user API

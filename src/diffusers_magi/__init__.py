@@ -19,17 +19,20 @@ from .pipelines import (
     write_video_stream,
 )
 from .schedulers import MagiChunkScheduler
+from .modular import MagiAutoBlocks, MagiModularPipeline
 from ._registration import register_with_diffusers
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AutoencoderMagi",
+    "MagiAutoBlocks",
     "MagiChunkOutput",
     "MagiChunkScheduler",
     "MagiGuidance",
     "MagiImageToVideoPipeline",
     "MagiKVCache",
+    "MagiModularPipeline",
     "MagiPipeline",
     "MagiPipelineOutput",
     "MagiSession",

@@ -636,36 +636,41 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         return arguments, given
 
     def _session_from_arguments(self, arguments: Dict[str, Any]) -> MagiSession:
-        """Check the arguments of a call, encode its captions and prefix, and return its session (nothing runs yet)."""
+        """Check the arguments of a call, encode its prefix and captions, and return its session (nothing runs yet).
+        The four steps are also the blocks of the modular pipeline (`diffusers_magi.modular`)."""
+        arguments = dict(arguments)
         prefix_kwargs = {name: arguments.pop(name) for name in self._prefix_argument_names}
-        prompt, chunk_prompts = arguments["prompt"], arguments["chunk_prompts"]
-        prompt_embeds, prompt_attention_mask = arguments["prompt_embeds"], arguments["prompt_attention_mask"]
-        negative_prompt = arguments["negative_prompt"]
-        negative_prompt_embeds = arguments["negative_prompt_embeds"]
-        negative_prompt_attention_mask = arguments["negative_prompt_attention_mask"]
-        height, width, num_frames = arguments["height"], arguments["width"], arguments["num_frames"]
-        latents, generator = arguments["latents"], arguments["generator"]
-        num_videos_per_prompt, output_type = arguments["num_videos_per_prompt"], arguments["output_type"]
-        callback_on_step_end = arguments["callback_on_step_end"]
-        callback_on_step_end_tensor_inputs = arguments["callback_on_step_end_tensor_inputs"]
+        checked = self._check_call_arguments(arguments)
+        with torch.no_grad():
+            prefix_latents = self._prefix_latents(
+                checked["num_videos"], arguments["height"], arguments["width"], self._execution_device, **prefix_kwargs
+            )
+        conditioning = self._encode_conditioning(arguments, checked, prefix_latents)
+        return self._new_session(arguments, checked, prefix_latents, conditioning)
+
+    def _check_call_arguments(self, arguments: Dict[str, Any]) -> Dict[str, Any]:
+        """Everything that can be checked before any model runs; returns the settings it resolves (guidance, special
+        tokens, step count, KV cache device, callback tensors, number of videos and batch size)."""
         num_inference_steps = arguments["num_inference_steps"]
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
+        callback_on_step_end = arguments["callback_on_step_end"]
+        callback_on_step_end_tensor_inputs = arguments["callback_on_step_end_tensor_inputs"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
-            prompt,
-            chunk_prompts,
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            height,
-            width,
-            num_frames,
+            arguments["prompt"],
+            arguments["chunk_prompts"],
+            arguments["prompt_embeds"],
+            arguments["prompt_attention_mask"],
+            arguments["negative_prompt"],
+            arguments["negative_prompt_embeds"],
+            arguments["negative_prompt_attention_mask"],
+            arguments["height"],
+            arguments["width"],
+            arguments["num_frames"],
             num_inference_steps,
-            output_type,
+            arguments["output_type"],
             callback_on_step_end_tensor_inputs,
         )
         guidance = self._guidance(
@@ -675,34 +680,56 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             arguments["text_scales"],
             arguments["nearly_clean_weight"],
         )
-        special_tokens = validate_special_tokens(arguments["special_tokens"])
-        if guidance.mode == "distilled" and (negative_prompt is not None or negative_prompt_embeds is not None):
+        if guidance.mode == "distilled" and (
+            arguments["negative_prompt"] is not None or arguments["negative_prompt_embeds"] is not None
+        ):
             logger.warning("Distilled guidance runs no unconditional pass: the negative prompt has no effect.")
         kv_cache_device = arguments["kv_cache_device"]
         if kv_cache_device is not None:
             kv_cache_device = str(check_device(kv_cache_device, "kv_cache_device"))
+        num_videos_per_prompt = arguments["num_videos_per_prompt"]
         if not isinstance(num_videos_per_prompt, int) or isinstance(num_videos_per_prompt, bool) or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}.")
-        device = self._execution_device
-
-        num_videos = _count_videos(prompt, chunk_prompts, prompt_embeds)
+        num_videos = _count_videos(arguments["prompt"], arguments["chunk_prompts"], arguments["prompt_embeds"])
         batch_size = num_videos * num_videos_per_prompt
+        generator = arguments["generator"]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators but the batch has {batch_size} videos "
                 f"({num_videos} prompts x num_videos_per_prompt={num_videos_per_prompt}); pass one generator per video "
                 "or a single generator."
             )
-        with torch.no_grad():
-            prefix_latents = self._prefix_latents(num_videos, height, width, device, **prefix_kwargs)
+        return dict(
+            guidance=guidance,
+            special_tokens=validate_special_tokens(arguments["special_tokens"]),
+            num_inference_steps=num_inference_steps,
+            kv_cache_device=kv_cache_device,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            num_videos=num_videos,
+            batch_size=batch_size,
+        )
+
+    def _encode_conditioning(
+        self, arguments: Dict[str, Any], checked: Dict[str, Any], prefix_latents: Optional[torch.Tensor]
+    ) -> Dict[str, Any]:
+        """The video length in chunks, the caption bank with its prompt switches, and the unconditional caption (T5
+        runs here), after the checks that need the prefix length."""
+        device = self._execution_device
+        prompt_embeds, latents = arguments["prompt_embeds"], arguments["latents"]
+        num_videos, batch_size = checked["num_videos"], checked["batch_size"]
+        height, width = arguments["height"], arguments["width"]
         prefix_frames = 0 if prefix_latents is None else prefix_latents.shape[2]
-        num_chunks = self._num_chunks(num_frames, prefix_frames)
+        num_chunks = self._num_chunks(arguments["num_frames"], prefix_frames)
         num_generated = None if num_chunks is None else num_chunks - prefix_frames // self.chunk_width
         latent_size = (height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+        per_chunk_embeds = prompt_embeds is not None and prompt_embeds.ndim == 4
         if num_chunks is None:
-            for name, value in (("latents", latents), ("per-chunk prompt_embeds", prompt_embeds if prompt_embeds is not None and prompt_embeds.ndim == 4 else None)):
-                if value is not None:
-                    raise ValueError(f"An open-ended session (no num_frames) cannot take {name}, which fix the video length; pass num_frames.")
+            for name, given in (("latents", latents is not None), ("per-chunk prompt_embeds", per_chunk_embeds)):
+                if given:
+                    raise ValueError(
+                        f"An open-ended session (no num_frames) cannot take {name}, which fix the video length; pass "
+                        "num_frames."
+                    )
         elif latents is not None:
             expected = (batch_size, self.transformer.latent_channels, num_chunks * self.chunk_width, *latent_size)
             if tuple(latents.shape) != expected:
@@ -710,17 +737,19 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                     f"latents must be the initial noise of the whole video, shape {expected} (batch, channels, "
                     f"{num_chunks} chunks x {self.chunk_width} frames, height / 8, width / 8), got {tuple(latents.shape)}."
                 )
-        if prompt_embeds is not None and prompt_embeds.ndim == 4 and prompt_embeds.shape[1] != num_generated:
+        if per_chunk_embeds and prompt_embeds.shape[1] != num_generated:
             raise ValueError(
                 f"Per-chunk prompt_embeds has {prompt_embeds.shape[1]} chunks but the video has {num_generated} "
                 "generated chunks; pass one embedding per chunk or a single (batch, text_length, text_dim) embedding."
             )
-
+        negative_prompt = arguments["negative_prompt"]
+        negative_prompt_embeds = arguments["negative_prompt_embeds"]
+        negative_prompt_attention_mask = arguments["negative_prompt_attention_mask"]
         with torch.no_grad():
             # Read through a call of the module, so that offloading hooks place the learned tensors first.
             learned_tokens = self.transformer.caption_tokens()
             embeds, masks, switches = self._caption_bank(
-                prompt, chunk_prompts, prompt_embeds, prompt_attention_mask, num_generated, device
+                arguments["prompt"], arguments["chunk_prompts"], prompt_embeds, arguments["prompt_attention_mask"], num_generated, device
             )
             if negative_prompt is not None:
                 texts = [negative_prompt] * num_videos if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -736,31 +765,43 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                 negative_prompt_embeds.to(device) if negative_prompt_embeds is not None else None,
                 negative_prompt_attention_mask.to(device) if negative_prompt_attention_mask is not None else None,
             )
-        repeat = num_videos_per_prompt
+        return dict(num_chunks=num_chunks, latent_size=latent_size, captions=(embeds, masks), switches=switches, negative=negative)
+
+    def _new_session(
+        self,
+        arguments: Dict[str, Any],
+        checked: Dict[str, Any],
+        prefix_latents: Optional[torch.Tensor],
+        conditioning: Dict[str, Any],
+    ) -> MagiSession:
+        """The session of a checked and encoded call (batch rows repeated `num_videos_per_prompt` times)."""
+        device = self._execution_device
+        repeat = arguments["num_videos_per_prompt"]
+        negative = conditioning["negative"]
         settings = MagiSessionSettings(
-            batch_size=batch_size,
-            num_chunks=num_chunks,
-            num_prefix_frames=prefix_frames,
-            latent_size=latent_size,
-            num_inference_steps=num_inference_steps,
-            guidance=asdict(guidance),
-            special_tokens=special_tokens,
+            batch_size=checked["batch_size"],
+            num_chunks=conditioning["num_chunks"],
+            num_prefix_frames=0 if prefix_latents is None else prefix_latents.shape[2],
+            latent_size=conditioning["latent_size"],
+            num_inference_steps=checked["num_inference_steps"],
+            guidance=asdict(checked["guidance"]),
+            special_tokens=checked["special_tokens"],
             num_videos_per_prompt=repeat,
-            output_type=output_type,
-            kv_cache_device=kv_cache_device,
+            output_type=arguments["output_type"],
+            kv_cache_device=checked["kv_cache_device"],
             attention_kwargs=arguments["attention_kwargs"],
         )
         return MagiSession(
             self,
             settings,
-            captions=(embeds, masks),
-            caption_switches=[(chunk, rows.repeat_interleave(repeat, dim=0)) for chunk, rows in switches],
+            captions=conditioning["captions"],
+            caption_switches=[(chunk, rows.repeat_interleave(repeat, dim=0)) for chunk, rows in conditioning["switches"]],
             negative=(negative[0].to(device).repeat_interleave(repeat, 0), negative[1].to(device).repeat_interleave(repeat, 0)),
             prefix_latents=None if prefix_latents is None else prefix_latents.repeat_interleave(repeat, dim=0),
-            generators=_session_generators(generator, device),
-            latents=latents,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            generators=_session_generators(arguments["generator"], device),
+            latents=arguments["latents"],
+            callback_on_step_end=arguments["callback_on_step_end"],
+            callback_on_step_end_tensor_inputs=checked["callback_on_step_end_tensor_inputs"],
         )
 
     # Arguments of `__call__` that only the image- and video-to-video pipelines take (their prefix).
