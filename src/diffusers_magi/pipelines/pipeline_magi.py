@@ -25,6 +25,7 @@ from ..models.transformer_magi import MagiTransformer3DModel
 from ..models.weight_alignment import own_cpu_weights
 from ..placement import check_device
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
+from . import input_checks_magi as checks
 from .guidance_magi import GUIDANCE_MODES, MagiGuidance
 from .offloading_magi import MagiOffloadingMixin
 from .pipeline_output import MagiChunkOutput, MagiPipelineOutput
@@ -380,6 +381,9 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                 )
             if tuple(mask.shape) != tuple(embeds.shape[:-1]):
                 raise ValueError(f"The attention mask of {name} must have shape {tuple(embeds.shape[:-1])}, got {tuple(mask.shape)}.")
+        text_length = self.transformer.config.text_length
+        checks.check_prompt_embeds_length(prompt_embeds, text_length)
+        checks.check_prompt_embeds_length(negative_prompt_embeds, text_length, name="negative_prompt_embeds")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
         if output_type not in OUTPUT_TYPES:
@@ -409,6 +413,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         return None
 
     def _check_prefix_latents(self, prefix_latents: torch.Tensor, num_videos: int, height: int, width: int):
+        checks.check_finite(prefix_latents, "prefix_latents")
         expected = (self.transformer.latent_channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
         if prefix_latents.ndim != 5 or (prefix_latents.shape[1], *prefix_latents.shape[3:]) != expected:
             raise ValueError(
@@ -492,6 +497,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
         attention_kwargs: Optional[Dict[str, Any]] = None,
+        allow_oversized: bool = False,
         return_dict: bool = True,
     ) -> Union[MagiPipelineOutput, Tuple]:
         r"""
@@ -539,7 +545,11 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                 replace the denoised chunks. Setting `pipe._interrupt = True` in it stops this generation.
             callback_on_step_end_tensor_inputs (`List[str]`, *optional*): tensors passed to the callback, from
                 `_callback_tensor_inputs` (default `["latents"]`).
-            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. `{"scale": 0.8}` for LoRA).
+            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. `{"scale": 0.8}` scales LoRA
+                adapters).
+            allow_oversized (`bool`, defaults to `False`): run a request even when its memory estimate exceeds what
+                the execution device has left (by default it is refused before anything is allocated, with the
+                estimate, the limit and what to change).
             return_dict (`bool`, defaults to `True`): return a `MagiPipelineOutput` instead of a tuple.
 
         Examples:
@@ -651,6 +661,18 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
     def _check_call_arguments(self, arguments: Dict[str, Any]) -> Dict[str, Any]:
         """Everything that can be checked before any model runs; returns the settings it resolves (guidance, special
         tokens, step count, KV cache device, callback tensors, number of videos and batch size)."""
+        checks.check_generation_sizes(
+            height=arguments["height"],
+            width=arguments["width"],
+            num_frames=arguments["num_frames"],
+            num_inference_steps=arguments["num_inference_steps"],
+        )
+        for name in ("latents", "prompt_embeds", "negative_prompt_embeds"):
+            checks.check_tensor(arguments[name], name)
+            checks.check_finite(arguments[name], name)
+        checks.check_cfg_t_range(arguments["cfg_t_range"])
+        if self.vae is not None:
+            checks.check_scaling_factor(self.vae.config.scaling_factor)
         num_inference_steps = arguments["num_inference_steps"]
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
@@ -688,17 +710,11 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         if kv_cache_device is not None:
             kv_cache_device = str(check_device(kv_cache_device, "kv_cache_device"))
         num_videos_per_prompt = arguments["num_videos_per_prompt"]
-        if not isinstance(num_videos_per_prompt, int) or isinstance(num_videos_per_prompt, bool) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}.")
+        checks.check_num_videos_per_prompt(num_videos_per_prompt)
         num_videos = _count_videos(arguments["prompt"], arguments["chunk_prompts"], arguments["prompt_embeds"])
         batch_size = num_videos * num_videos_per_prompt
-        generator = arguments["generator"]
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators but the batch has {batch_size} videos "
-                f"({num_videos} prompts x num_videos_per_prompt={num_videos_per_prompt}); pass one generator per video "
-                "or a single generator."
-            )
+        checks.check_generators(arguments["generator"], batch_size)
+        self._check_memory(arguments, guidance, kv_cache_device, batch_size)
         return dict(
             guidance=guidance,
             special_tokens=validate_special_tokens(arguments["special_tokens"]),
@@ -708,6 +724,30 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             num_videos=num_videos,
             batch_size=batch_size,
         )
+
+    def _check_memory(self, arguments: Dict[str, Any], guidance: MagiGuidance, kv_cache_device, batch_size: int) -> None:
+        """Refuse, before anything is allocated, a request whose memory estimate exceeds what the execution device
+        has left (`allow_oversized=True` skips this)."""
+        scheduler = self.scheduler.config
+        window = scheduler.window_size
+        num_frames = arguments["num_frames"]
+        num_chunks = window if num_frames is None else math.ceil(num_frames / (TEMPORAL_COMPRESSION * self.chunk_width)) + 1
+        estimate = checks.estimate_generation_memory(
+            self.transformer.config,
+            self.vae.config if self.vae is not None else {},
+            batch_size,
+            arguments["height"],
+            arguments["width"],
+            window,
+            max([*scheduler.noise2clean_kvrange, scheduler.clean_chunk_kvrange, 1]),
+            self.transformer.dtype,
+            num_chunks=num_chunks,
+            chunk_width=self.chunk_width,
+            guidance_branches=3 if guidance.mode == "three_branch" else 1,
+            fused_attention=self._execution_device.type != "cpu",
+            kv_cache_on_device=kv_cache_device is None,
+        )
+        checks.check_generation_fits(estimate, self._execution_device, allow_oversized=arguments["allow_oversized"])
 
     def _encode_conditioning(
         self, arguments: Dict[str, Any], checked: Dict[str, Any], prefix_latents: Optional[torch.Tensor]

@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 from diffusers.utils import replace_example_docstring
 
+from .input_checks_magi import check_tensor
 from .pipeline_magi import MagiPipeline, call_signature_with_prefix
 from .video_processing_magi import frames_to_video, load_image_frames
 
@@ -66,6 +67,7 @@ class MagiImageToVideoPipeline(MagiPipeline):
                 "image already encoded by the VAE)."
             )
         if prefix_latents is not None:
+            check_tensor(prefix_latents, "prefix_latents")
             if prefix_latents.ndim != 5 or prefix_latents.shape[2] != 1:
                 raise ValueError(
                     f"prefix_latents of image-to-video must hold one latent frame, (batch, 16, 1, h, w); got "

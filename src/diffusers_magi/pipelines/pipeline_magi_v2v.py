@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 from diffusers.utils import replace_example_docstring
 
+from .input_checks_magi import check_tensor
 from .pipeline_magi import MagiPipeline, call_signature_with_prefix
 from .video_processing_magi import frames_to_video, load_video_frames
 
@@ -67,6 +68,7 @@ class MagiVideoToVideoPipeline(MagiPipeline):
                 "(the prefix already encoded by the VAE)."
             )
         if prefix_latents is not None:
+            check_tensor(prefix_latents, "prefix_latents")
             return self._check_prefix_latents(prefix_latents.to(device), num_videos, height, width)
         if self.vae is None:
             raise ValueError("Encoding `video` needs the pipeline's VAE; load it, or pass `prefix_latents`.")

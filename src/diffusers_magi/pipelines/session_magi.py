@@ -29,6 +29,7 @@ from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiLearnedTokens
 from ..schedulers.scheduling_magi_chunk import MagiChunkPlan
 from .guidance_magi import MagiGuidance
+from .input_checks_magi import check_callback_outputs
 from .pipeline_output import MagiChunkOutput
 from .text_conditioning_magi import MAX_DURATION_TOKEN, chunk_caption_rows
 
@@ -423,19 +424,9 @@ class MagiSession:
         available = {"latents": denoised, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         tensors = {name: available[name] for name in self.callback_on_step_end_tensor_inputs}
         outputs = self.callback_on_step_end(self.pipeline, call.index, timestep, tensors)
-        if not isinstance(outputs, dict):
-            raise TypeError(
-                f"callback_on_step_end must return a dict (e.g. the tensors it was given), got {type(outputs).__name__}."
-            )
-        latents = outputs.get("latents", denoised)
-        if not isinstance(latents, torch.Tensor) or latents.shape != denoised.shape:
-            raise ValueError(
-                f"callback_on_step_end returned latents of shape {getattr(latents, 'shape', type(latents))}; they must "
-                f"keep the shape of the latents it was given, {tuple(denoised.shape)}."
-            )
-        if not torch.isfinite(latents).all():
-            raise ValueError("callback_on_step_end returned latents with NaN or infinite values.")
-        return latents
+        name = getattr(self.callback_on_step_end, "__name__", type(self.callback_on_step_end).__name__)
+        outputs = check_callback_outputs(outputs, name, {"latents": tuple(denoised.shape)})
+        return outputs.get("latents", denoised)
 
     def _initial_noise(self, chunk: int, shape) -> torch.Tensor:
         """Starting noise of `chunk`: its slice of the given `latents`, else a fresh draw from the session's
