@@ -17,7 +17,8 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
 
 from diffusers_magi import MagiImageToVideoPipeline, MagiPipeline
-from diffusers_magi.conversion import PRESETS, convert_original_pipeline, load_original_transformer
+from diffusers_magi import MagiPipeline
+from diffusers_magi.conversion import PRESETS, convert_original_components, load_original_transformer
 from diffusers_magi.conversion.cli import main as magi_convert
 from diffusers_magi.models.fp8_linear_magi import MagiFp8Linear
 
@@ -59,7 +60,7 @@ def converted(snapshot, tmp_path_factory):
 
 
 def direct_pipeline(snapshot, variant, **kwargs):
-    return convert_original_pipeline(
+    components = convert_original_components(
         variant_config(variant),
         snapshot / "ckpt" / "magi" / variant,
         SPECIAL_TOKENS,
@@ -67,6 +68,7 @@ def direct_pipeline(snapshot, variant, **kwargs):
         t5_dir=snapshot / "ckpt" / "t5" / "t5-v1_1-xxl",
         **kwargs,
     )
+    return MagiPipeline(**components)
 
 
 def load_dtype(variant):

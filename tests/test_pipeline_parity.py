@@ -1,5 +1,5 @@
 """The whole chunk-wise sampler against the original: every DiT case of kind `sampler` (except fp8 checkpoints, which
-have their own test) is run through `convert_original_pipeline` and the pipeline, with the recorded noise injected as
+have their own test) is converted by `convert_original_components` and run through the pipeline, with the recorded noise injected as
 `latents`, the recorded text embedding and prefix; every yielded chunk, in order, must satisfy
 max|ours - reference| / max(1, max|reference|) <= 1e-4 in float32."""
 
@@ -8,7 +8,8 @@ import json
 import pytest
 
 from diffusers_magi import MagiImageToVideoPipeline, MagiPipeline, MagiVideoToVideoPipeline
-from diffusers_magi.conversion.pipeline import convert_original_pipeline
+from diffusers_magi import MagiPipeline
+from diffusers_magi.conversion.pipeline import convert_original_components
 
 from .conftest import relative_max_error
 from .reference_cases import DIT_DIR, ENV_FLAG_TO_SPECIAL_TOKEN, Case, dit_case_names
@@ -26,7 +27,9 @@ def run_recorded_sampler(name: str, output_type: str = "latent"):
     original = json.loads((folder / "config.json").read_text())
     runtime = original["runtime_config"]
     checkpoint = DIT_DIR / description["checkpoint"]["load_dir"]
-    pipe = convert_original_pipeline(str(folder / "config.json"), str(checkpoint), str(folder / "special_tokens.npz"))
+    pipe = MagiPipeline(
+        **convert_original_components(str(folder / "config.json"), str(checkpoint), str(folder / "special_tokens.npz"))
+    )
     pipe = PIPELINES[description.get("mode", "t2v")].from_pipe(pipe)
     pipe.set_progress_bar_config(disable=True)
 

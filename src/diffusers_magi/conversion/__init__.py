@@ -5,7 +5,7 @@ from .convert import convert_original_to_diffusers
 from .hub_folder import push_folder_to_hub, save_pipeline_folder
 from .inspect import OriginalInspection, inspect_original
 from .original_layout import OriginalSources, download_original_snapshot, resolve_original_sources
-from .pipeline import convert_original_pipeline, load_original_pipeline
+from .pipeline import convert_original_components, load_original_components
 from .presets import PRESETS, preset
 from .text_encoder import load_original_text_encoder
 from .transformer import load_original_transformer
@@ -15,11 +15,11 @@ __all__ = [
     "PRESETS",
     "OriginalInspection",
     "OriginalSources",
-    "convert_original_pipeline",
+    "convert_original_components",
     "convert_original_to_diffusers",
     "download_original_snapshot",
     "inspect_original",
-    "load_original_pipeline",
+    "load_original_components",
     "load_original_text_encoder",
     "load_original_transformer",
     "load_original_vae",

@@ -10,7 +10,6 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from ..pipelines.pipeline_magi import MagiPipeline
 from .hub_folder import check_output_folder, push_folder_to_hub, save_pipeline_folder
 from .model_card import model_card
 from .original_checkpoint import read_original_config
@@ -124,7 +123,7 @@ def convert_original_to_diffusers(
         plan.raise_for_errors()
         plan.warn_unexpected()
     transformer = components["transformer"][0]
-    pipe = MagiPipeline(
+    pipeline = dict(
         transformer=transformer,
         scheduler=scheduler_from_original(sources.config),
         vae=components["vae"][0] if "vae" in components else None,
@@ -144,7 +143,7 @@ def convert_original_to_diffusers(
         dequantized_dtype=str(block_dtype).replace("torch.", "") if fp8 and dequantize_fp8 else None,
     )
     folder = save_pipeline_folder(
-        pipe,
+        pipeline,
         output_dir,
         card,
         max_shard_size=max_shard_size,

@@ -21,11 +21,11 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
+import diffusers
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging
-
-from ..pipelines.pipeline_magi import MagiPipeline
 
 logger = logging.get_logger(__name__)
 
@@ -169,7 +169,7 @@ def write_folder_atomically(
 
 
 def save_pipeline_folder(
-    pipe: MagiPipeline,
+    pipe: Union[DiffusionPipeline, Dict[str, Any]],
     output_dir: Union[str, os.PathLike],
     model_card_text: str,
     max_shard_size: Union[int, str] = "5GB",
@@ -180,7 +180,8 @@ def save_pipeline_folder(
     """Save `pipe` as a complete, Hub-ready folder at `output_dir` (see the module docstring); returns its path.
 
     Args:
-        pipe (`MagiPipeline`): the pipeline to save.
+        pipe (`MagiPipeline` or `dict`): the pipeline to save, or its keyword arguments (components and settings, as
+            `convert_original_components` returns them; `model_index.json` is then written from them).
         output_dir (`str`): the folder to create.
         model_card_text (`str`): contents of `README.md`.
         max_shard_size (`int` or `str`, defaults to `"5GB"`): larger weights are split into shards with an index.
@@ -194,9 +195,9 @@ def save_pipeline_folder(
     streamed_components = streamed_components or {}
 
     def write(folder: str) -> None:
-        if streamed_components:
-            pipe.save_config(folder)  # model_index.json
-            for name, component in pipe.components.items():
+        if streamed_components or isinstance(pipe, dict):
+            components = _write_model_index(pipe, folder)
+            for name, component in components.items():
                 if name in streamed_components:
                     os.makedirs(os.path.join(folder, name))
                     streamed_components[name](os.path.join(folder, name))
@@ -209,6 +210,28 @@ def save_pipeline_folder(
             file.write(model_card_text)
 
     return write_folder_atomically(output_dir, write, overwrite, inputs)
+
+
+def _write_model_index(pipe: Union[DiffusionPipeline, Dict[str, Any]], folder: str) -> Dict[str, Any]:
+    """Write `model_index.json` of `pipe` (a pipeline, or its keyword arguments) and return its components. From
+    keyword arguments the index is the one `MagiPipeline.save_config` writes: each component as `[library, class]`
+    (`diffusers_magi` for this package's classes), then the pipeline's settings."""
+    if not isinstance(pipe, dict):
+        pipe.save_config(folder)
+        return pipe.components
+    index: Dict[str, Any] = {"_class_name": "MagiPipeline", "_diffusers_version": diffusers.__version__}
+    components = {name: pipe.get(name) for name in ("transformer", "scheduler", "vae", "text_encoder", "tokenizer")}
+    for name, component in components.items():
+        if component is None:
+            index[name] = [None, None]
+            continue
+        library = type(component).__module__.split(".")[0]
+        index[name] = [library, type(component).__name__]
+    index.update({name: value for name, value in pipe.items() if name not in components})
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as file:
+        json.dump(dict(sorted(index.items())), file, indent=2, sort_keys=True)
+        file.write("\n")
+    return components
 
 
 def push_folder_to_hub(

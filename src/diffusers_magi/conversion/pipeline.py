@@ -1,11 +1,13 @@
-"""Original MAGI-1 config + checkpoint folders -> `MagiPipeline`."""
+"""Original MAGI-1 config + checkpoint folders -> the components and settings of a MAGI-1 pipeline.
+
+The conversion layer hands components up and never imports the pipelines: `MagiPipeline(**components)` (or
+`MagiPipeline.from_original`) assembles them."""
 
 import os
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..pipelines.pipeline_magi import MagiPipeline
 from ..placement import DEVICE_MAP_STRATEGIES
 from ..schedulers.scheduling_magi_chunk import MagiChunkScheduler
 from .original_checkpoint import read_original_config
@@ -70,7 +72,7 @@ def plan_original_components(
     return components
 
 
-def convert_original_pipeline(
+def convert_original_components(
     config: Union[str, os.PathLike, dict],
     checkpoint_dir: Union[str, os.PathLike],
     special_tokens_path: Optional[Union[str, os.PathLike]],
@@ -80,8 +82,9 @@ def convert_original_pipeline(
     dequantize_fp8: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[Dict[str, Union[str, dict]]] = None,
-) -> MagiPipeline:
-    """Build a `MagiPipeline` from the original layout.
+) -> Dict[str, Any]:
+    """The components and settings of a MAGI-1 pipeline from the original layout, as keyword arguments of
+    `MagiPipeline` (`MagiPipeline(**convert_original_components(...))`).
 
     Every component is checked against its config from the weight headers first (a missing or mis-shaped tensor in
     any of them fails before a weight is read), then filled one tensor at a time into a model built on the meta
@@ -129,7 +132,7 @@ def convert_original_pipeline(
                 model, weights, spec, plan, device=placement if placement is not None else device
             )
     tokenizer = load_original_tokenizer(str(t5_dir)) if t5_dir is not None else None
-    return MagiPipeline(
+    return dict(
         transformer=loaded["transformer"],
         scheduler=scheduler_from_original(original_config),
         vae=loaded.get("vae"),
@@ -139,16 +142,16 @@ def convert_original_pipeline(
     )
 
 
-def pipeline_from_sources(
+def components_from_sources(
     sources: OriginalSources,
     special_tokens_path: Optional[Union[str, os.PathLike]],
     torch_dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[dict] = None,
-) -> MagiPipeline:
-    """`convert_original_pipeline` for resolved `OriginalSources`."""
-    return convert_original_pipeline(
+) -> Dict[str, Any]:
+    """`convert_original_components` for resolved `OriginalSources`."""
+    return convert_original_components(
         sources.config,
         sources.checkpoint_dir,
         special_tokens_path,
@@ -161,7 +164,7 @@ def pipeline_from_sources(
     )
 
 
-def load_original_pipeline(
+def load_original_components(
     path_or_repo_id: Union[str, os.PathLike],
     variant: Optional[str] = None,
     special_tokens: Optional[Union[str, os.PathLike]] = None,
@@ -171,10 +174,10 @@ def load_original_pipeline(
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[dict] = None,
     **download_kwargs,
-) -> MagiPipeline:
-    """`MagiPipeline` straight from the original repository layout (a local folder or a Hub repository id such as
+) -> Dict[str, Any]:
+    """The components and settings of a MAGI-1 pipeline straight from the original repository layout (a local folder or a Hub repository id such as
     `"sand-ai/MAGI-1"`, of which only the variant's weights, the VAE and T5 are downloaded). See
-    `MagiPipeline.from_original`."""
+    `MagiPipeline.from_original`, which assembles them."""
     if variant is None:
         raise ValueError("Pass `variant`, the checkpoint folder name under ckpt/magi/ (e.g. '4.5B_distill').")
     path = str(path_or_repo_id)
@@ -184,7 +187,7 @@ def load_original_pipeline(
     elif download_kwargs:
         raise TypeError(f"{sorted(download_kwargs)} only apply to Hub downloads; {path} is a local folder.")
     sources = resolve_original_sources(path, variant, config=config)
-    return pipeline_from_sources(
+    return components_from_sources(
         sources,
         special_tokens,
         torch_dtype=torch_dtype,

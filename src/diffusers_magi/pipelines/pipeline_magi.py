@@ -19,6 +19,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging, replace_example_docstring
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
+from ..conversion.pipeline import load_original_components
 from ..loaders.lora_magi import MagiLoraLoaderMixin
 from ..models.autoencoder_magi import AutoencoderMagi
 from ..models.transformer_magi import MagiTransformer3DModel
@@ -187,9 +188,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         >>> pipe = MagiPipeline.from_original("sand-ai/MAGI-1", variant="4.5B_distill", special_tokens="special_tokens.npz")
         ```
         """
-        from ..conversion.pipeline import load_original_pipeline
-
-        pipe = load_original_pipeline(
+        components = load_original_components(
             path_or_repo_id,
             variant=variant,
             special_tokens=special_tokens,
@@ -198,7 +197,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             dequantize_fp8=dequantize_fp8,
             **download_kwargs,
         )
-        return pipe if cls is MagiPipeline else cls.from_pipe(pipe)
+        return cls(**components)
 
     @property
     def chunk_width(self) -> int:
