@@ -26,8 +26,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-c", "import diffusers_magi"],
         [sys.executable, "-m", "diffusers_magi.cli", "--help"],
         [sys.executable, "-m", "diffusers_magi.conversion.cli", "--help"],
+        [sys.executable, "-m", "diffusers_magi.training.train_lora", "--help"],
     ],
-    ids=["import", "magi-generate --help", "magi-convert --help"],
+    ids=["import", "magi-generate --help", "magi-convert --help", "magi-train-lora --help"],
 )
 def test_no_warning_noise(command):
     """No torchao / pytree / Diffusers import-time lines (torchao is installed by the `quantization` extra)."""
