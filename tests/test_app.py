@@ -1,0 +1,187 @@
+"""The web app (`diffusers_magi.app`, `magi-app`) served for real on a free local port with the tiny random pipeline,
+driven once through `gradio_client` (the API a program sees) and once in a headless Chromium (what a person sees).
+
+The client test checks what the app promises: the video arrives chunk by chunk, a prompt typed mid-run drives the
+chunks from the index the app reports, Stop stops it, and the download is a playable mp4 holding exactly the frames
+received, which equal a direct session with the same seed and that prompt switch (`chunk_prompts`).
+"""
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gradio", reason="the app tests need the app extra: pip install -e '.[app,test]'")
+
+from diffusers_magi.app import TabSession, build_app, valid_step_counts  # noqa: E402
+from diffusers_magi.pipelines import write_video_stream  # noqa: E402
+from diffusers_magi.tiny_random import tiny_random_pipeline  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+SIZE = 64
+STEPS = 4
+SEED = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_random_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def app_url(pipe, tmp_path_factory):
+    demo = build_app(pipe, default_size=SIZE, output_dir=str(tmp_path_factory.mktemp("app-files")))
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _read_video(path) -> np.ndarray:
+    """Every frame of an mp4, uint8 `(frames, H, W, 3)` (imageio's ffmpeg reader)."""
+    import imageio
+
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        return np.stack([frame for frame in reader])  # (list(reader) asks its length: inf)
+    finally:
+        reader.close()
+
+
+def _chunks_made(status: str) -> int:
+    match = re.search(r"(\d+) chunk\(s\) made", status)
+    assert match, status
+    return int(match.group(1))
+
+
+def test_valid_step_counts_are_what_the_scheduler_accepts(pipe):
+    counts = valid_step_counts(pipe)
+    assert pipe.config.default_num_inference_steps in counts
+    for steps in range(1, counts[-1] + 1):
+        try:
+            pipe.scheduler._check_step_count(steps)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == (steps in counts), steps
+
+
+@pytest.mark.slow
+def test_app_through_gradio_client(app_url, pipe, tmp_path):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False, download_files=str(tmp_path / "client"))
+    old, new = "a red fox runs through the snow", "a blue bird flies over the ocean"
+    job = client.submit(old, None, None, SIZE, SIZE, STEPS, SEED, api_name="/generate")
+    videos, switch_at, stopped = {}, None, False
+    deadline = time.monotonic() + 240
+    for live, download, timeline, status in job:
+        assert time.monotonic() < deadline, "the app took too long"
+        made = _chunks_made(status)
+        if download["value"] is not None:
+            videos[made] = download["value"]  # the mp4 so far, after `made` chunks
+        if switch_at is None and len(videos) >= 2:  # two chunks received: switch the prompt mid-run
+            timeline, message = client.predict(new, api_name="/switch_prompt")
+            switch_at = int(re.search(r"New prompt from chunk (\d+)", message).group(1))
+            assert switch_at >= made  # applied from a chunk that has not started
+            assert f"from chunk {switch_at}: {new}" in timeline and "from chunk 0: " + old in timeline
+        if switch_at is not None and not stopped and made > switch_at:  # a chunk of the new prompt is in
+            assert "stopped" in client.predict(api_name="/stop")
+            stopped = True
+    assert stopped and job.status().success
+    assert "Stopped" in status
+    total = max(videos)
+    assert total > switch_at
+
+    # The download: a playable mp4 with every frame received, the earlier downloads being its beginning.
+    frames = _read_video(videos[total])
+    assert frames.shape == (total * 24, SIZE, SIZE, 3)
+    first_two = _read_video(videos[min(videos)])
+    np.testing.assert_array_equal(frames[: len(first_two)], first_two)
+
+    # Equal to a direct session with the prompt switch at the reported chunk, written the same way.
+    direct = pipe.start_session(
+        chunk_prompts={0: old, switch_at: new}, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(SEED),
+    )  # fmt: skip
+    expected = TabSession()
+    expected.start(direct, old, str(tmp_path))
+    for chunk in direct.chunks(total):
+        expected.add_chunk(chunk.frames)
+    np.testing.assert_array_equal(frames, _read_video(expected.video_path))
+    # ... and not to the run without the switch (the new prompt shows from its chunk on).
+    unswitched = pipe.start_session(
+        prompt=old, height=SIZE, width=SIZE, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED)
+    )
+    unswitched_frames = np.concatenate([chunk.frames[0] for chunk in unswitched.chunks(total)])
+    differs = np.abs(np.round(unswitched_frames * 255) - frames.astype(np.float64)).reshape(total, -1).mean(axis=1)
+    assert differs[switch_at:].min() > differs[:switch_at].max(), differs
+
+
+def test_tab_session_joins_clips_of_any_length(tmp_path, pipe):
+    """Chunks of different lengths (a video-to-video chunk overlapping the prefix is shorter) join into one mp4."""
+    session = pipe.start_session(prompt="x", height=SIZE, width=SIZE, num_inference_steps=STEPS)
+    tab = TabSession()
+    tab.start(session, "x", str(tmp_path))
+    rng = np.random.default_rng(0)
+    for length in (24, 10, 24):
+        tab.add_chunk(rng.random((1, length, SIZE, SIZE, 3), dtype=np.float32))
+    assert _read_video(tab.video_path).shape == (58, SIZE, SIZE, 3)
+    folder = tab.folder
+    tab.close()
+    assert not os.path.exists(folder) and session.interrupted
+
+
+@pytest.mark.slow
+def test_app_in_headless_chromium(app_url, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM}: as root, apt-get update && apt-get install -y chromium")
+    screenshot = tmp_path / "app.png"
+    drive_browser(app_url, screenshot)
+    assert screenshot.stat().st_size > 10_000
+
+
+def drive_browser(url: str, screenshot: Path, size: int = SIZE) -> None:
+    """Open the app in headless Chromium, type a prompt, press Generate, wait until the first chunk plays, switch
+    the prompt, wait for a chunk of the new prompt on the timeline, and save a screenshot."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)
+            page.locator("#magi-prompt textarea").fill("a red fox runs through the snow")
+            page.locator("#magi-generate").click()
+            # The first chunk plays: the page's video element has advanced.
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#magi-live video'); return v && v.currentTime > 0.2; }",
+                timeout=120_000,
+            )
+            page.locator("#magi-prompt textarea").fill("a blue bird flies over the ocean at sunset")
+            page.locator("#magi-switch").click()
+            expect(page.locator("#magi-status")).to_contain_text("New prompt from chunk", timeout=60_000)
+            made = page.locator("#magi-timeline .magi-chunk[data-prompt='1'][data-state='made']")
+            expect(made.first).to_be_visible(timeout=120_000)
+            page.screenshot(path=str(screenshot), full_page=True)
+            page.locator("#magi-stop").click()
+            expect(page.locator("#magi-status")).to_contain_text("Stopped", timeout=60_000)
+        finally:
+            browser.close()
