@@ -31,6 +31,7 @@ setup(
             "magi-generate=diffusers_magi.cli:main",
             "magi-convert=diffusers_magi.conversion.cli:main",
             "magi-train-lora=diffusers_magi.training.train_lora:main",
+            "magi-app=diffusers_magi.app:main",
         ]
     },
     extras_require={
@@ -38,6 +39,7 @@ setup(
         # nbclient/nbformat/ipykernel: the tests execute the example notebook
         # torchao: the quantization tests (a 3 MB wheel that leaves torch alone)
         # peft: the LoRA and training tests
+        # gradio, gradio_client, playwright: the web app tests (playwright drives the system chromium, downloads none)
         "test": [
             "pytest>=8",
             "hypothesis>=6",
@@ -49,7 +51,12 @@ setup(
             "ipykernel",
             "torchao>=0.18",
             "peft>=0.17",
+            "gradio>=5.0",
+            "gradio_client",
+            "playwright",
         ],
+        # magi-app, the web app (Gradio)
+        "app": ["gradio>=5.0"],
         # LoRA adapters (`load_lora_weights`) and `magi-train-lora`
         "lora": ["peft>=0.17"],
         "training": ["peft>=0.17"],
