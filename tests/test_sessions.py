@@ -8,6 +8,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,3 +385,33 @@ def test_image_to_video_sessions():
     expected = pipe(generator=_generator(), **kwargs).frames
     session = pipe.start_session(generator=_generator(), **kwargs)
     assert torch.equal(_concat(list(session.chunks())), expected)
+
+
+def test_decode_overlap_gives_the_sequential_video_in_order(pipe, tmp_path, monkeypatch):
+    kwargs = dict(prompt="a cat", height=32, width=32, num_inference_steps=8, num_frames=96, output_type="np")
+    expected = pipe(generator=_generator(), **kwargs).frames
+    threads = []
+    original = type(pipe)._postprocess_chunk
+
+    def recording(self, latents, output_type):
+        threads.append(threading.current_thread().name)
+        return original(self, latents, output_type)
+
+    monkeypatch.setattr(type(pipe), "_postprocess_chunk", recording)
+    chunks = list(pipe.stream(generator=_generator(), decode_overlap=True, **kwargs))
+    assert [chunk.chunk_index for chunk in chunks] == [0, 1, 2, 3]
+    assert np.array_equal(np.concatenate([chunk.frames for chunk in chunks], axis=1), expected)
+    assert threads and all(name.startswith("magi-decode") for name in threads)  # decoded beside the denoising
+    assert np.array_equal(pipe(generator=_generator(), decode_overlap=True, **kwargs).frames, expected)
+    # Stopping early (two of four chunks) leaves no decode behind and the session where it was.
+    session = pipe.start_session(generator=_generator(), decode_overlap=True, **kwargs)
+    first_two = list(session.chunks(2))
+    assert np.array_equal(np.concatenate([c.frames for c in first_two], axis=1), expected[:, :48])
+    assert np.array_equal(np.concatenate([c.frames for c in session.chunks()], axis=1), expected[:, 48:])
+
+
+def test_decode_overlap_refuses_model_offloading():
+    pipe = tiny_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="decode_overlap"):
+        pipe(prompt="a cat", num_frames=24, decode_overlap=True, **LATENT)

@@ -497,6 +497,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
         attention_kwargs: Optional[Dict[str, Any]] = None,
         allow_oversized: bool = False,
+        decode_overlap: bool = False,
         return_dict: bool = True,
     ) -> Union[MagiPipelineOutput, Tuple]:
         r"""
@@ -549,6 +550,9 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             allow_oversized (`bool`, defaults to `False`): run a request even when its memory estimate exceeds what
                 the execution device has left (by default it is refused before anything is allocated, with the
                 estimate, the limit and what to change).
+            decode_overlap (`bool`, defaults to `False`): decode chunk `k` (VAE) while chunk `k + 1` is denoised: in a
+                worker thread, on CUDA on a side stream, as the original overlaps decoding to stream in real time.
+                Same output; not with model or sequential offloading (which move one model at a time).
             return_dict (`bool`, defaults to `True`): return a `MagiPipelineOutput` instead of a tuple.
 
         Examples:
@@ -670,6 +674,13 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             checks.check_tensor(arguments[name], name)
             checks.check_finite(arguments[name], name)
         checks.check_cfg_t_range(arguments["cfg_t_range"])
+        if arguments["decode_overlap"] and any(
+            hasattr(module, "_hf_hook") for module in self.components.values() if isinstance(module, torch.nn.Module)
+        ):
+            raise ValueError(
+                "decode_overlap cannot run with model or sequential CPU offloading, which keep one model on the device "
+                "at a time; disable offloading (or use group offloading with streams) or pass decode_overlap=False."
+            )
         if self.vae is not None:
             checks.check_scaling_factor(self.vae.config.scaling_factor)
         num_inference_steps = arguments["num_inference_steps"]
@@ -829,6 +840,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             output_type=arguments["output_type"],
             kv_cache_device=checked["kv_cache_device"],
             attention_kwargs=arguments["attention_kwargs"],
+            decode_overlap=arguments["decode_overlap"],
         )
         return MagiSession(
             self,

@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -62,6 +63,7 @@ class MagiSessionSettings:
         output_type (`str`): how chunks are handed out (`"np"`, `"pil"`, `"pt"`, `"latent"`).
         kv_cache_device (`str`, *optional*): where the KV cache lives between calls.
         attention_kwargs (`dict`, *optional*): passed to the transformer.
+        decode_overlap (`bool`): `chunks()` decodes chunk `k` while chunk `k + 1` is denoised.
     """
 
     batch_size: int
@@ -75,6 +77,7 @@ class MagiSessionSettings:
     output_type: str
     kv_cache_device: Optional[str] = None
     attention_kwargs: Optional[Dict[str, Any]] = None
+    decode_overlap: bool = False
 
 
 @dataclass
@@ -229,6 +232,66 @@ class MagiSession:
             Any error of a transformer call or callback propagates; the session is then left at the start of the
             failed call, so calling `next_chunk` again retries it.
         """
+        chunk_index, latents = self._next_final_latents()
+        return self._decoded(chunk_index, latents)
+
+    def chunks(self, num_chunks: Optional[int] = None) -> Iterator[MagiChunkOutput]:
+        """Yield the next `num_chunks` chunks (default: until the video is complete; forever for an open-ended
+        session). Stops early, without error, when the session is interrupted.
+
+        With the session's `decode_overlap` (see `MagiPipeline.__call__`), chunk `k` is decoded by a worker thread
+        (on CUDA on its own stream) while chunk `k + 1` is denoised, and handed out once it is decoded and the
+        next chunk is final (or the iteration ends); the chunks and their order are those of the plain path."""
+        if num_chunks is not None and (not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 0):
+            raise ValueError(f"num_chunks must be a non-negative integer or None, got {num_chunks!r}.")
+        if not self.settings.decode_overlap:
+            produced = 0
+            while (num_chunks is None or produced < num_chunks) and not self.finished:
+                try:
+                    chunk = self.next_chunk()
+                except MagiSessionInterrupted:
+                    return
+                produced += 1
+                yield chunk
+            return
+        yield from self._chunks_with_decode_overlap(num_chunks)
+
+    def _chunks_with_decode_overlap(self, num_chunks: Optional[int]) -> Iterator[MagiChunkOutput]:
+        decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def decode(chunk_index: int, latents: torch.Tensor, ready) -> MagiChunkOutput:
+            if decode_stream is None:
+                return self._decoded(chunk_index, latents)
+            with torch.cuda.stream(decode_stream):
+                decode_stream.wait_event(ready)  # the latents are final on the compute stream
+                output = self._decoded(chunk_index, latents)
+            decode_stream.synchronize()
+            return output
+
+        produced, pending = 0, None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="magi-decode") as worker:
+            try:
+                while (num_chunks is None or produced < num_chunks) and not self.finished:
+                    try:
+                        chunk_index, latents = self._next_final_latents()
+                    except MagiSessionInterrupted:
+                        break
+                    ready = torch.cuda.Event() if decode_stream is not None else None
+                    if ready is not None:
+                        ready.record()
+                    produced += 1
+                    if pending is not None:
+                        yield pending.result()
+                    pending = worker.submit(decode, chunk_index, latents, ready)
+                if pending is not None:
+                    yield pending.result()
+                    pending = None
+            finally:
+                if pending is not None:
+                    pending.cancel()
+
+    def _next_final_latents(self) -> Tuple[int, torch.Tensor]:
+        """Run the plan until the next chunk is final: `(generated chunk index, its final latents)`."""
         if self.finished:
             raise ValueError(
                 f"This session's video is complete ({self.num_generated_chunks} chunks); start a session without "
@@ -236,38 +299,24 @@ class MagiSession:
             )
         if self._interrupted:
             raise MagiSessionInterrupted("This session was interrupted; call session.resume() to continue it.")
-        pipeline = self.pipeline
         total = self.plan.calls_until_chunk_finishes(self._call_index)
-        with pipeline.progress_bar(total=total) as progress_bar:
+        with self.pipeline.progress_bar(total=total) as progress_bar:
             while True:
                 if self._interrupted:
                     raise MagiSessionInterrupted("This session was interrupted; call session.resume() to continue it.")
                 finished = self._run_call()
                 progress_bar.update()
                 if finished is not None:
-                    break
-        chunk_index, latents = finished
+                    return finished
+
+    def _decoded(self, chunk_index: int, latents: torch.Tensor) -> MagiChunkOutput:
         with torch.no_grad():
-            frames = pipeline._postprocess_chunk(latents, self.settings.output_type)
+            frames = self.pipeline._postprocess_chunk(latents, self.settings.output_type)
         now = time.perf_counter()
         if self._last_chunk_time is not None:
             self._chunk_times.append(now - self._last_chunk_time)
         self._last_chunk_time = now
         return MagiChunkOutput(chunk_index=chunk_index, frames=frames)
-
-    def chunks(self, num_chunks: Optional[int] = None) -> Iterator[MagiChunkOutput]:
-        """Yield the next `num_chunks` chunks (default: until the video is complete; forever for an open-ended
-        session). Stops early, without error, when the session is interrupted."""
-        if num_chunks is not None and (not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 0):
-            raise ValueError(f"num_chunks must be a non-negative integer or None, got {num_chunks!r}.")
-        produced = 0
-        while (num_chunks is None or produced < num_chunks) and not self.finished:
-            try:
-                chunk = self.next_chunk()
-            except MagiSessionInterrupted:
-                return
-            produced += 1
-            yield chunk
 
     # ----------------------------------------------------------------------------------------------------------------
     # Steering
