@@ -145,6 +145,44 @@ def test_tab_session_joins_clips_of_any_length(tmp_path, pipe):
     assert not os.path.exists(folder) and session.interrupted
 
 
+def test_space_entry_point_serves_the_app(tmp_path):
+    """`python app.py` (the Hugging Face Spaces entry point, through `magi-app`'s `main`) serves the page."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .conftest import REPO_ROOT
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    assert response.status == 200 and "MAGI-1" in response.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not start within 120 s"
+                time.sleep(0.5)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_magi_app_rejects_bad_arguments(capsys):
+    from diffusers_magi.app import main
+
+    for argv, message in ((["--size", "100"], "multiple of 16"), (["--max-sessions", "0"], "at least 1")):
+        with pytest.raises(SystemExit):
+            main(["--model", "tiny-random", *argv])
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_app_in_headless_chromium(app_url, tmp_path):
     if not os.path.exists(CHROMIUM):
