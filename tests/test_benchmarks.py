@@ -1,5 +1,6 @@
 """The benchmark scripts run and print their tables (at the smallest sizes; the figures themselves are not checked)."""
 
+import json
 import subprocess
 import sys
 
@@ -71,3 +72,45 @@ def test_bench_loading_prints_its_table():
     rows = [line.split() for line in output.splitlines() if line.startswith("4.5B_distill")]
     assert len(rows) == 1 and rows[0][1] == "cpu"
     assert float(rows[0][2]) > 0.5 and 0 < float(rows[0][6]) <= 1.25  # checkpoint GB, added RSS / checkpoint
+
+
+@pytest.mark.slow
+def test_bench_guidance_prints_batched_and_one_by_one_rows():
+    output = _run("bench_guidance.py", "--preset", "tiny", "--latent-size", "4", "--chunks", "2", "--steps", "4", "--repeats", "1")
+    assert "preset tiny" in output and "threads" in output
+    rows = [line.split("|")[1:-1] for line in output.splitlines() if line.startswith(("| base", "| distilled"))]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
+        ("base (three-branch)", "one by one"), ("base (three-branch)", "batched"), ("distilled", "one by one"), ("distilled", "batched")
+    ]
+    assert all(float(row[4]) < 1e-4 for row in rows)  # batched = one by one up to float rounding
+
+
+@pytest.mark.slow
+def test_bench_caches_prints_a_row_per_cache():
+    output = _run("bench_caches.py", "--preset", "tiny", "--latent-size", "4", "--chunks", "2", "--steps", "8")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in output.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"none", "FirstBlockCache", "PyramidAttentionBroadcast", "FasterCache", "TaylorSeer", "MagCache"} <= set(rows)
+    assert float(rows["PyramidAttentionBroadcast"][0].strip().rstrip("%")) > 0  # it skipped attention work
+
+
+@pytest.mark.slow
+def test_bench_compile_runs_inductor_on_cpu():
+    output = _run("bench_compile.py", "--preset", "tiny", "--latent-size", "4", "--chunks", "1", "--steps", "4")
+    assert "backend='inductor'" in output and "| compiled |" in output and "0 graph breaks" in output
+    assert float(output.split("max abs difference compiled vs eager: ")[1].split()[0]) < 1e-4
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_on_cpu_at_toy_size(tmp_path):
+    output = _run(
+        "gpu_suite.py", "--device", "cpu", "--tiny", "--dtype", "float32", "--compile-backend", "eager", "--repeats", "1",
+        "--chunks", "1", "2", "--e2e-chunks", "1", "--output-dir", str(tmp_path),
+    )
+    assert output.startswith("**CPU") and "| native | 0 | True |" in output
+    result = json.loads(next(tmp_path.glob("gpu_suite_*.json")).read_text())
+    assert result["precision"]["relative_error"] < 5e-2  # bfloat16 vs float32
+    flops = [row["tflop"] for row in result["transformer_call"]]
+    assert 0 < flops[0] < flops[1]
+    assert {(row["compile"], row["fp8"]) for row in result["end_to_end"]} == {(False, False), (True, False), (False, True), (True, True)}
+    assert result["offload_memory"]["peak_gib"] > 0
+    assert next(tmp_path.glob("gpu_suite_*.md")).read_text().startswith("**CPU")
