@@ -79,7 +79,6 @@ def test_valid_step_counts_are_what_the_scheduler_accepts(pipe):
         assert accepted == (steps in counts), steps
 
 
-@pytest.mark.slow
 def test_app_through_gradio_client(app_url, pipe, tmp_path):
     from gradio_client import Client
 
@@ -129,6 +128,90 @@ def test_app_through_gradio_client(app_url, pipe, tmp_path):
     unswitched_frames = np.concatenate([chunk.frames[0] for chunk in unswitched.chunks(total)])
     differs = np.abs(np.round(unswitched_frames * 255) - frames.astype(np.float64)).reshape(total, -1).mean(axis=1)
     assert differs[switch_at:].min() > differs[:switch_at].max(), differs
+
+
+def _direct_video(pipe, tmp_path, num_chunks, **kwargs) -> np.ndarray:
+    """A session run directly (not through the app), its chunks written as the app writes them, read back."""
+    session = pipe.start_session(
+        height=SIZE, width=SIZE, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), **kwargs
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tab = TabSession()
+    tab.start(session, "direct", str(tmp_path))
+    for chunk in session.chunks(num_chunks):
+        tab.add_chunk(chunk.frames)
+    return _read_video(tab.video_path)
+
+
+def test_tabs_run_independent_sessions(app_url, pipe, tmp_path):
+    """Two tabs (two clients, two Gradio sessions) generate at the same time with their own prompts; stopping one
+    does not stop the other, and each tab's video equals its own direct session."""
+    from gradio_client import Client
+
+    prompts = {"a": "a cat walks in the city at night", "b": "waves on the beach at sunset"}
+    clients = {tab: Client(app_url, verbose=False, download_files=str(tmp_path / tab)) for tab in prompts}
+    jobs = {
+        tab: clients[tab].submit(prompts[tab], None, None, SIZE, SIZE, STEPS, SEED, api_name="/generate")
+        for tab in prompts
+    }
+
+    def wait_for(tab, chunks):
+        deadline = time.monotonic() + 180
+        while True:
+            outputs = jobs[tab].outputs()
+            if outputs and _chunks_made(outputs[-1][3]) >= chunks:
+                return _chunks_made(outputs[-1][3])
+            assert not jobs[tab].done() and time.monotonic() < deadline, f"tab {tab} stopped early"
+            time.sleep(0.1)
+
+    wait_for("a", 2)
+    wait_for("b", 2)
+    clients["a"].predict(api_name="/stop")
+    stopped_a = jobs["a"].result()  # tab a ends ...
+    made_a = _chunks_made(stopped_a[3])
+    made_b = _chunks_made(jobs["b"].outputs()[-1][3])
+    wait_for("b", made_b + 2)  # ... while tab b goes on
+    assert not jobs["b"].done()
+    clients["b"].predict(api_name="/stop")
+    stopped_b = jobs["b"].result()
+    for tab, final in (("a", stopped_a), ("b", stopped_b)):
+        made = _chunks_made(final[3])
+        frames = _read_video(final[1]["value"])
+        assert frames.shape[0] == 24 * made
+        expected = _direct_video(pipe, tmp_path / f"direct-{tab}", made, prompt=prompts[tab])
+        np.testing.assert_array_equal(frames, expected)
+    assert _chunks_made(stopped_a[3]) == made_a
+
+
+@pytest.mark.parametrize("mode", ["image", "video"])
+def test_app_starts_from_an_image_or_a_video(app_url, pipe, tmp_path, mode):
+    """An uploaded image gives an image-to-video session, an uploaded video a continuation, equal to the direct
+    `MagiImageToVideoPipeline` / `MagiVideoToVideoPipeline` session from the same file."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from diffusers_magi.pipelines import MagiImageToVideoPipeline, MagiVideoToVideoPipeline
+
+    rng = np.random.default_rng(1)
+    if mode == "image":
+        path = str(tmp_path / "first.png")
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+        inputs, direct_pipe = (handle_file(path), None), MagiImageToVideoPipeline.from_pipe(pipe)
+    else:
+        prefix = rng.random((1, 32, SIZE, SIZE, 3), dtype=np.float32)
+        path = write_video_stream([prefix], str(tmp_path / "prefix.mp4"))
+        inputs, direct_pipe = (None, handle_file(path)), MagiVideoToVideoPipeline.from_pipe(pipe)
+    client = Client(app_url, verbose=False, download_files=str(tmp_path / "client"))
+    job = client.submit("a dog runs on the grass", *inputs, SIZE, SIZE, STEPS, SEED, api_name="/generate")
+    deadline = time.monotonic() + 180
+    while not (job.outputs() and _chunks_made(job.outputs()[-1][3]) >= 2):
+        assert not job.done() and time.monotonic() < deadline, job.outputs()[-1:] if job.outputs() else job.status()
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    final = job.result()
+    made = _chunks_made(final[3])
+    expected = _direct_video(direct_pipe, tmp_path / "direct", made, prompt="a dog runs on the grass", **{mode: path})
+    np.testing.assert_array_equal(_read_video(final[1]["value"]), expected)
 
 
 def test_tab_session_joins_clips_of_any_length(tmp_path, pipe):
@@ -183,7 +266,6 @@ def test_magi_app_rejects_bad_arguments(capsys):
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_app_in_headless_chromium(app_url, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"needs Debian's chromium at {CHROMIUM}: as root, apt-get update && apt-get install -y chromium")
