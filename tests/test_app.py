@@ -42,8 +42,13 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def app_url(pipe, tmp_path_factory):
-    demo = build_app(pipe, default_size=SIZE, output_dir=str(tmp_path_factory.mktemp("app-files")))
+def app_files(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app-files")
+
+
+@pytest.fixture(scope="module")
+def app_url(pipe, app_files):
+    demo = build_app(pipe, default_size=SIZE, output_dir=str(app_files))
     port = _free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -266,17 +271,26 @@ def test_magi_app_rejects_bad_arguments(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_app_in_headless_chromium(app_url, tmp_path):
+def test_app_in_headless_chromium(app_url, app_files, tmp_path):
+    """A person's view: the first chunk plays in the page, a prompt switch shows on the timeline; closing the tab
+    stops its generation."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"needs Debian's chromium at {CHROMIUM}: as root, apt-get update && apt-get install -y chromium")
+    before = set(app_files.iterdir())
     screenshot = tmp_path / "app.png"
     drive_browser(app_url, screenshot)
     assert screenshot.stat().st_size > 10_000
+    (folder,) = set(app_files.iterdir()) - before  # the browser tab's clips
+    deadline, counts = time.monotonic() + 90, []
+    while len(counts) < 8 or len(set(counts[-8:])) > 1:  # no new chunk for 4 s: the generation stopped
+        assert time.monotonic() < deadline, f"closing the tab did not stop its generation ({counts[-1]} chunks)"
+        counts.append(len(list(folder.glob("chunk_*.mp4"))))
+        time.sleep(0.5)
 
 
 def drive_browser(url: str, screenshot: Path, size: int = SIZE) -> None:
     """Open the app in headless Chromium, type a prompt, press Generate, wait until the first chunk plays, switch
-    the prompt, wait for a chunk of the new prompt on the timeline, and save a screenshot."""
+    the prompt, wait for a chunk of the new prompt on the timeline, save a screenshot, and close the tab."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
@@ -301,7 +315,6 @@ def drive_browser(url: str, screenshot: Path, size: int = SIZE) -> None:
             made = page.locator("#magi-timeline .magi-chunk[data-prompt='1'][data-state='made']")
             expect(made.first).to_be_visible(timeout=120_000)
             page.screenshot(path=str(screenshot), full_page=True)
-            page.locator("#magi-stop").click()
-            expect(page.locator("#magi-status")).to_contain_text("Stopped", timeout=60_000)
+            page.close(run_before_unload=True)  # closing the tab while it generates
         finally:
             browser.close()

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -231,13 +231,17 @@ def build_app(
                     chunk = tab.session.next_chunk()
                 except MagiSessionInterrupted:
                     break
+                except Exception as error:  # the session stays at the failed call: Continue retries it
+                    raise gr.Error(f"Generation failed ({type(error).__name__}: {error}); press Continue to retry.")
                 clip, _ = tab.add_chunk(chunk.frames)
                 yield updates(tab, clip=clip)
             yield updates(tab, "Stopped; press Continue to go on.")
         finally:
             tab.streaming.release()
 
-    def generate(tab, prompt, image, video, height, width, num_inference_steps, seed):
+    open_tabs: Dict[str, TabSession] = {}  # by Gradio session, to stop a tab's generation when it is closed
+
+    def generate(tab, prompt, image, video, height, width, num_inference_steps, seed, request: gr.Request):
         if tab.streaming.locked():
             raise gr.Error("This tab is already generating; press Stop first.")
         if not prompt or not prompt.strip():
@@ -262,6 +266,7 @@ def build_app(
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error))
         tab.start(session, prompt.strip(), root)
+        open_tabs[request.session_hash] = tab
         yield from stream(tab, "Started.")
 
     def resume(tab):
@@ -269,6 +274,12 @@ def build_app(
             raise gr.Error("Nothing to continue: press Generate first.")
         tab.session.resume()
         yield from stream(tab, "Continued.")
+
+    def tab_closed(request: gr.Request):
+        """The tab was closed or reloaded: stop its generation now (its files go when Gradio drops its state)."""
+        tab = open_tabs.pop(request.session_hash, None)
+        if tab is not None and tab.session is not None:
+            tab.session.interrupt()
 
     def stop(tab):
         if tab.session is not None:
@@ -354,6 +365,7 @@ def build_app(
             api_name="switch_prompt",
             concurrency_limit=None,
         )
+        demo.unload(tab_closed)
     return demo
 
 
