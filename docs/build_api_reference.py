@@ -12,7 +12,7 @@ from pathlib import Path
 
 import diffusers_magi
 import diffusers_magi.conversion
-from diffusers_magi import cli, loaders, loading, tiny_random, training
+from diffusers_magi import app, cli, loaders, loading, tiny_random, training
 from diffusers_magi.training import train_lora
 
 OUTPUT = Path(__file__).resolve().parent / "api.md"
@@ -106,6 +106,12 @@ def build() -> str:
     parser = train_lora.build_parser()
     parser.formatter_class = lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110)
     lines += ["## Command line: `magi-train-lora`", "", "```", parser.format_help().rstrip(), "```", ""]
+    lines += ["## Web app (`diffusers_magi.app`, see app.md)", ""]
+    for name in ("build_app", "valid_step_counts"):
+        lines += _document(name, getattr(app, name))
+    parser = app.build_parser()
+    parser.formatter_class = lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=110)
+    lines += ["## Command line: `magi-app`", "", "```", parser.format_help().rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -181,7 +181,8 @@ def build_app(
         default_size (`int`, defaults to 720): initial height and width (a multiple of 16).
         max_size (`int`, defaults to 1280): largest height and width offered.
         output_dir (`str`, *optional*): where each tab writes its chunk clips and its mp4 so far (default: a new
-            temporary folder); files of a closed tab are deleted.
+            temporary folder). A closed tab's generation stops at once; its files are deleted when Gradio drops
+            the tab's state (an hour later).
         live_stream (`bool`, *optional*): show the video as Gradio's streaming video (needs `ffmpeg` and `ffprobe`
             on the PATH) rather than the newest chunk as a clip; default: when both are found.
         max_concurrent_sessions (`int`, *optional*, defaults to 4): tabs generating at the same time (others wait in
@@ -389,10 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--special-tokens-file", help="the original special_tokens.npz, needed with the original layout"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16; float32 for tiny-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to generate on"
+    )
     parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="CPU offloading of the components")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--size", type=int, help="initial height and width (default 64 for tiny-random, else 480)")
     parser.add_argument("--max-sessions", type=int, default=4, help="tabs generating at the same time")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
