@@ -219,6 +219,31 @@ def test_app_starts_from_an_image_or_a_video(app_url, pipe, tmp_path, mode):
     np.testing.assert_array_equal(_read_video(final[1]["value"]), expected)
 
 
+def test_app_refuses_bad_input_with_a_clear_message(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    client = Client(app_url, verbose=False, download_files=str(tmp_path / "client"))
+    image = str(tmp_path / "first.png")
+    Image.new("RGB", (SIZE, SIZE)).save(image)
+    video = write_video_stream([np.zeros((1, 8, SIZE, SIZE, 3), np.float32)], str(tmp_path / "prefix.mp4"))
+    for arguments, message in (
+        (("  ", None, None, SIZE, SIZE, STEPS, 0), "Type a prompt first"),
+        (("a fox", handle_file(image), handle_file(video), SIZE, SIZE, STEPS, 0), "not both"),
+        (("a fox", None, None, SIZE, SIZE, STEPS, 2**63), "seed must be a whole number"),
+        (("a fox", None, None, SIZE, SIZE, STEPS, -1), "less than minimum"),
+        (("a fox", None, None, 72, SIZE, STEPS, 0), "multiples of 16"),
+    ):
+        with pytest.raises(AppError, match=message):
+            client.predict(*arguments, api_name="/generate")
+    with pytest.raises(AppError, match="Press Generate first"):
+        client.predict("a bird", api_name="/switch_prompt")
+    with pytest.raises(AppError, match="Nothing to continue"):
+        client.predict(api_name="/resume")
+    assert "Not generating" in client.predict(api_name="/stop")
+
+
 def test_tab_session_joins_clips_of_any_length(tmp_path, pipe):
     """Chunks of different lengths (a video-to-video chunk overlapping the prefix is shorter) join into one mp4."""
     session = pipe.start_session(prompt="x", height=SIZE, width=SIZE, num_inference_steps=STEPS)

@@ -249,6 +249,8 @@ def build_app(
             raise gr.Error("Type a prompt first.")
         if image and video:
             raise gr.Error("Give an image (image-to-video) or a video (continuation), not both.")
+        if seed is None or seed != int(seed) or not 0 <= seed < 2**63:
+            raise gr.Error(f"The seed must be a whole number in [0, 2**63), got {seed!r}.")
         kwargs = dict(
             prompt=prompt.strip(),
             height=int(height),
@@ -283,8 +285,9 @@ def build_app(
             tab.session.interrupt()
 
     def stop(tab):
-        if tab.session is not None:
-            tab.session.interrupt()
+        if tab.session is None or not tab.streaming.locked():
+            return _status(tab, "Not generating.")
+        tab.session.interrupt()
         return _status(tab, "Stopping after the transformer call in progress.")
 
     def switch_prompt(tab, prompt):
