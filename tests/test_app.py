@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gradio", reason="the app tests need the app extra: pip install -e '.[app,test]'")
-
-from diffusers_magi.app import TabSession, build_app, valid_step_counts  # noqa: E402
-from diffusers_magi.pipelines import write_video_stream  # noqa: E402
-from diffusers_magi.tiny_random import tiny_random_pipeline  # noqa: E402
+from diffusers_magi.app import TabSession, build_app, valid_step_counts
+from diffusers_magi.pipelines import write_video_stream
+from diffusers_magi.tiny_random import tiny_random_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
 SIZE = 64
