@@ -236,7 +236,9 @@ def transformer_call_bytes(
     hidden = torch.empty(1, local, config.hidden_size, **meta)
     condition = torch.empty(1, num_chunks, config.condition_dim, **meta)
     rotary = tuple(torch.empty(local, 3 * (config.attention_head_dim // 8), device="meta") for _ in range(2))
-    text = torch.empty(num_chunks * 120, config.cross_attention_dim, **meta)
+    # Captions are padded to `text_length` (the padding masked in cross-attention), as the model computes them.
+    text = torch.empty(1, num_chunks, config.text_length, config.cross_attention_dim, **meta)
+    text_mask = torch.ones(1, num_chunks, config.text_length, dtype=torch.bool, device="meta")
     cache = MagiKVCacheLayer()
     if cached_chunks:
         kv_heads = config.num_key_value_heads // cp_degree
@@ -252,10 +254,10 @@ def transformer_call_bytes(
         gather_sequence_scatter_heads=_all_to_all_stand_in(cp_degree, gather=True),
         scatter_sequence_gather_heads=_all_to_all_stand_in(cp_degree, gather=False),
     )
-    counter = LiveTensorBytes(_existing(block, hidden, condition, *rotary, text))
+    counter = LiveTensorBytes(_existing(block, hidden, condition, *rotary, text, text_mask))
     try:
         with _patched(attention_magi, dispatch_attention_fn=_fused_attention, **exchanges), torch.no_grad(), counter:
-            block(hidden, condition, rotary, layout, text, [120] * num_chunks, cache)
+            block(hidden, condition, rotary, layout, text, text_mask, cache)
     finally:
         processor._parallel_config = None
     # Alive across the blocks: the block input (the previous block's output) and the rotary embedding.

@@ -75,3 +75,20 @@ def test_whole_model_compile_distilled_with_offloaded_cache_equals_eager():
         compiled = _generate(pipe, 2, **kwargs)
     assert not counters["graph_break"]
     assert torch.equal(compiled, eager)
+
+
+def test_backends_without_masks_gather_the_valid_caption_tokens():
+    """Flash-type backends take no mask: cross-attention then gathers each chunk's valid tokens (the eager-only path)
+    and gives the masked result; a chunk without valid tokens gets zeros on both paths."""
+    from diffusers_magi.models.attention_magi import ChunkAttentionLayout, per_chunk_cross_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3 * 8, 4, 16, generator=generator)
+    keys, values = (torch.randn(2, 3, 10, 2, 16, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 3, 10, generator=generator) > 0.4
+    mask[1, 2] = False
+    layout = ChunkAttentionLayout(8, 0, (0, 0, 0))
+    masked = per_chunk_cross_attention(query, keys, values, mask, layout, backend="native")
+    gathered = per_chunk_cross_attention(query, keys, values, mask, layout, backend="_native_flash")
+    torch.testing.assert_close(gathered, masked, rtol=1e-5, atol=1e-6)
+    assert torch.equal(masked[1, 16:], torch.zeros_like(masked[1, 16:]))

@@ -66,14 +66,15 @@ def test_activation_count_on_the_meta_device_equals_a_real_cpu_run(memory_plan):
     hidden = torch.randn(1, num_chunks * tokens, 256, dtype=torch.bfloat16)
     condition = torch.randn(1, num_chunks, 64, dtype=torch.bfloat16)
     rotary = tuple(torch.randn(num_chunks * tokens, 12) for _ in range(2))
-    text = torch.randn(num_chunks * 120, 256, dtype=torch.bfloat16)
+    text = torch.randn(1, num_chunks, 160, 256, dtype=torch.bfloat16)
+    text_mask = torch.ones(1, num_chunks, 160, dtype=torch.bool)
     cache = MagiKVCacheLayer()
     keys = torch.randn(1, cached * tokens, 4, 32, dtype=torch.bfloat16)
     cache.write(0, keys, keys, cached)
     layout = ChunkAttentionLayout(tokens, cached, (0,) * num_chunks)
-    counter = memory_plan.LiveTensorBytes(memory_plan._existing(model.blocks[0], hidden, condition, *rotary, text))
+    counter = memory_plan.LiveTensorBytes(memory_plan._existing(model.blocks[0], hidden, condition, *rotary, text, text_mask))
     with torch.no_grad(), counter:
-        model.blocks[0](hidden, condition, rotary, layout, text, [120] * num_chunks, cache)
+        model.blocks[0](hidden, condition, rotary, layout, text, text_mask, cache)
     assert planned == counter.peak + hidden.numel() * 2 + 2 * rotary[0].numel() * 4
 
 

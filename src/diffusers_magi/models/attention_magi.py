@@ -178,16 +178,14 @@ def chunk_causal_attention(
     return torch.cat(outputs, dim=1).to(dtype)
 
 
-def _key_padding_mask_backend(backend):
-    """The backend cross-attention runs on: `backend` if it takes a boolean key-padding mask (PyTorch SDPA and the
-    varlen kernels, which turn the mask into sequence lengths), else PyTorch SDPA (flash and sage reject masks,
-    xformers ignores boolean ones; the caption keys are few, so this costs little)."""
+def _takes_key_padding_mask(backend) -> bool:
+    """Whether `backend` (`None`: the active one) applies a boolean key-padding mask: PyTorch SDPA and the varlen
+    kernels (which turn the mask into sequence lengths) do; flash, sage and the fused `_native_flash` reject masks,
+    xformers ignores boolean ones."""
     if backend is None:
         backend = _AttentionBackendRegistry.get_active_backend()[0]
     name = AttentionBackendName(backend).value
-    if name in ("native", "_native_math", "_native_efficient", "_native_cudnn") or "varlen" in name:
-        return backend
-    return AttentionBackendName.NATIVE
+    return name in ("native", "_native_math", "_native_efficient", "_native_cudnn") or "varlen" in name
 
 
 def per_chunk_cross_attention(
@@ -212,7 +210,8 @@ def per_chunk_cross_attention(
     """
     enable_gqa = query.shape[2] != text_keys.shape[3]
     dtype = query.dtype
-    backend = _key_padding_mask_backend(backend)
+    if not _takes_key_padding_mask(backend):
+        return _gathered_cross_attention(query, text_keys, text_values, text_mask, layout, backend)
     query, text_keys, text_values, backend = _attention_inputs(query, text_keys, text_values, backend)
     if layout.shards is None:  # whole chunks: one call with the (batch row, chunk) pairs as its batch
         batch_size, num_chunks = text_mask.shape[:2]
@@ -240,6 +239,29 @@ def per_chunk_cross_attention(
         )
         outputs.append(torch.where(mask.any(dim=-1)[:, None, None, None], attention, 0.0))
     return torch.cat(outputs, dim=1).to(dtype)
+
+
+def _gathered_cross_attention(query, text_keys, text_values, text_mask, layout, backend) -> torch.Tensor:
+    """`per_chunk_cross_attention` for backends without masks: each (batch row, chunk) attends to its valid caption
+    tokens, gathered (data-dependent shapes: `torch.compile` breaks the graph here; use a masking backend, e.g. the
+    default SDPA, to compile)."""
+    enable_gqa = query.shape[2] != text_keys.shape[3]
+    dtype = query.dtype
+    query, text_keys, text_values, backend = _attention_inputs(query, text_keys, text_values, backend)
+    output = torch.zeros_like(query)
+    for batch_index in range(query.shape[0]):
+        for chunk, start, end in layout.local_chunk_segments():
+            valid = text_mask[batch_index, chunk]
+            if not valid.any():
+                continue
+            output[batch_index, start:end] = dispatch_attention_fn(
+                query[batch_index : batch_index + 1, start:end],
+                text_keys[batch_index : batch_index + 1, chunk][:, valid],
+                text_values[batch_index : batch_index + 1, chunk][:, valid],
+                enable_gqa=enable_gqa,
+                backend=backend,
+            )[0]
+    return output.to(dtype)
 
 
 class MagiAttnProcessor:
