@@ -290,3 +290,23 @@ def test_kv_cache_size_does_not_grow_with_video_length(pipe, monkeypatch):
     # The most chunks any call reads from the cache (with the real settings: the one chunk before the window).
     most_read = max(call.first_chunk - min(call.attention_starts) for call in pipe.scheduler.make_plan(8, num_chunks=10))
     assert peaks[10][0] == most_read == 1
+
+
+def test_callback_gets_the_tensors_diffusers_pipelines_offer(pipe):
+    seen = {}
+
+    def record(pipeline, index, timestep, tensors):
+        seen.setdefault(index, {name: tuple(value.shape) for name, value in tensors.items()})
+        return {}
+
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    pipe(prompt="a cat", num_frames=48, output_type="latent", callback_on_step_end=record, callback_on_step_end_tensor_inputs=inputs, generator=_generator(), **SIZE)
+    first = seen[0]
+    text_length, text_dim = pipe.transformer.config.text_length, pipe.transformer.config.text_dim
+    assert first == {
+        "latents": (1, 16, 6, 4, 4),  # the call's denoised chunk
+        "prompt_embeds": (1, 1, text_length, text_dim),  # its caption row (special tokens included)
+        "negative_prompt_embeds": (1, 1, text_length, text_dim),
+    }
+    with pytest.raises(ValueError, match="not in"):
+        pipe(prompt="a cat", num_frames=24, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"], **SIZE)

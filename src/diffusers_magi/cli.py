@@ -192,7 +192,7 @@ def load_pipeline(args):
         args.model,
         variant=args.variant,
         special_tokens=args.special_tokens_file,
-        torch_dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
         pipeline_class=pipeline_class,
         device=args.device if args.offload == "none" else None,  # the original layout is read straight onto it
     )

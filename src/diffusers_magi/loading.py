@@ -28,7 +28,7 @@ def load_pipeline(
     model: str = ORIGINAL_REPO_ID,
     variant: Optional[str] = None,
     special_tokens: Optional[str] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     pipeline_class: Type[MagiPipeline] = MagiPipeline,
     device: Optional[Union[str, torch.device]] = None,
 ) -> MagiPipeline:
@@ -40,7 +40,7 @@ def load_pipeline(
         variant (`str`, *optional*): MAGI-1 variant of the original layout (`"4.5B_distill"`, `"24B_base"`, ...;
             default `"4.5B_distill"` for `"sand-ai/MAGI-1"`). Giving it means `model` is in the original layout.
         special_tokens (`str`, *optional*): the original `special_tokens.npz`, for the original layout.
-        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer and VAE; defaults to bfloat16 for real
+        dtype (`torch.dtype`, *optional*): dtype of the transformer and VAE; defaults to bfloat16 for real
             checkpoints and float32 for `"tiny-random"`.
         pipeline_class: `MagiPipeline`, `MagiImageToVideoPipeline` or `MagiVideoToVideoPipeline`.
         device (`str` or `torch.device`, *optional*): for the original layout, the device every weight is read onto
@@ -51,20 +51,20 @@ def load_pipeline(
         from .tiny_random import tiny_random_pipeline
 
         pipe = tiny_random_pipeline()
-        if torch_dtype is not None:
-            pipe.transformer.to(torch_dtype)
-            pipe.vae.to(torch_dtype)
+        if dtype is not None:
+            pipe.transformer.to(dtype)
+            pipe.vae.to(dtype)
     elif is_original_layout(model, variant):
         pipe = MagiPipeline.from_original(
             model,
             variant=variant or DEFAULT_VARIANT,
             special_tokens=special_tokens,
-            torch_dtype=torch_dtype or torch.bfloat16,
+            dtype=dtype or torch.bfloat16,
             **({"device": device} if device is not None else {}),
         )
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype or torch.bfloat16)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype or torch.bfloat16)
     return pipe if isinstance(pipe, pipeline_class) else pipeline_class.from_pipe(pipe)
 

@@ -160,7 +160,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         variant: str,
         special_tokens: Optional[Union[str, os.PathLike]] = None,
         config: Optional[Union[str, os.PathLike, dict]] = None,
-        torch_dtype: Optional[torch.dtype] = None,
+        dtype: Optional[torch.dtype] = None,
         dequantize_fp8: bool = False,
         **download_kwargs,
     ) -> "MagiPipeline":
@@ -176,10 +176,11 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             special_tokens (`str`, *optional*): the original `special_tokens.npz` (a file of the original GitHub
                 repository); without it the transformer has no special tokens.
             config (`str` or `dict`, *optional*): an original config JSON (or dict) instead of the built-in preset.
-            torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks; defaults to the config's
-                `params_dtype` (bfloat16 for the released checkpoints), as the original runs.
+            dtype (`torch.dtype`, *optional*): dtype of the transformer blocks; defaults to the config's
+                `params_dtype` (bfloat16 for the released checkpoints), as the original runs. (`torch_dtype`, the
+                keyword Diffusers 0.42 deprecates, is accepted with a warning.)
             dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, dequantise the float8 linears to
-                `torch_dtype` instead of running the original float8 arithmetic.
+                `dtype` instead of running the original float8 arithmetic.
             download_kwargs: passed to `huggingface_hub.snapshot_download` (`revision`, `cache_dir`, `token`, ...).
 
         Examples:
@@ -188,12 +189,15 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         >>> pipe = MagiPipeline.from_original("sand-ai/MAGI-1", variant="4.5B_distill", special_tokens="special_tokens.npz")
         ```
         """
+        if "torch_dtype" in download_kwargs:
+            logger.warning("from_original: `torch_dtype` is deprecated (as in Diffusers); pass `dtype`.")
+            dtype = download_kwargs.pop("torch_dtype") if dtype is None else dtype
         components = load_original_components(
             path_or_repo_id,
             variant=variant,
             special_tokens=special_tokens,
             config=config,
-            torch_dtype=torch_dtype,
+            torch_dtype=dtype,
             dequantize_fp8=dequantize_fp8,
             **download_kwargs,
         )

@@ -276,7 +276,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     device = accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     pipe = load_pipeline(
-        args.model, variant=args.variant, special_tokens=args.special_tokens_file, torch_dtype=weight_dtype
+        args.model, variant=args.variant, special_tokens=args.special_tokens_file, dtype=weight_dtype
     )
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
