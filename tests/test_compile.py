@@ -92,3 +92,32 @@ def test_backends_without_masks_gather_the_valid_caption_tokens():
     gathered = per_chunk_cross_attention(query, keys, values, mask, layout, backend="_native_flash")
     torch.testing.assert_close(gathered, masked, rtol=1e-5, atol=1e-6)
     assert torch.equal(masked[1, 16:], torch.zeros_like(masked[1, 16:]))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_image_to_video_and_chunk_prompts_with_cache_on_cpu_equal_eager():
+    import numpy as np
+    import PIL.Image
+
+    from diffusers_magi import MagiImageToVideoPipeline
+
+    pipe = tiny_pipeline()
+    i2v = MagiImageToVideoPipeline.from_pipe(pipe)
+    i2v.set_progress_bar_config(disable=True)
+    image = PIL.Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+
+    def generate():
+        common = dict(num_frames=48, height=32, width=32, output_type="latent")
+        return (
+            i2v(image=image, prompt="a cat runs", generator=torch.Generator().manual_seed(0), **common).frames,
+            pipe(chunk_prompts=["a cat runs", "a dog jumps"], kv_cache_device="cpu", generator=torch.Generator().manual_seed(0), **common).frames,
+        )
+
+    eager = generate()
+    torch._dynamo.reset()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        counters.clear()
+        compiled = generate()
+    assert not counters["graph_break"]
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(compiled, eager))
