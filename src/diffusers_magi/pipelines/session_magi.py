@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -608,6 +608,3 @@ def _first_output_frame(chunk: int, prefix_frames: int, chunk_width: int) -> int
     start = chunk * chunk_width
     return max(start, prefix_frames) - start
 
-
-def settings_as_json(settings: MagiSessionSettings) -> Dict[str, Any]:
-    return asdict(settings)
