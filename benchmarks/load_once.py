@@ -1,13 +1,16 @@
 """One load in a fresh process (run by `bench_loading.py` and the loading tests): write a sparse full-width checkpoint
 of a released variant, load it with `load_original_transformer`, print one JSON line with the checkpoint size, the
-resident memory the load added at its peak (peak RSS after the load minus RSS before it) and the time taken.
+resident memory the load added at its peak (peak RSS during the load minus RSS before it) and the time taken.
+
+The peak is the kernel's high-water mark of this process (`VmHWM`), reset just before the load: `getrusage`'s
+`ru_maxrss` would not do, since Linux carries the parent's peak over into a child across `exec` (run from a large
+pytest process it reported the pytest process's peak, not the load's).
 
     python benchmarks/load_once.py 4.5B_base 3 cpu
     python benchmarks/load_once.py 4.5B_base 3 convert   # magi-convert's streamed conversion into a folder instead
 """
 
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -22,9 +25,16 @@ from sparse_checkpoints import write_sparse_checkpoint  # noqa: E402
 from diffusers_magi.conversion import convert_original_to_diffusers, load_original_transformer  # noqa: E402
 
 
-def resident_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (its high-water mark) of this process, in bytes."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+
+def reset_peak_resident() -> None:
+    """Set the high-water mark `VmHWM` to the current resident size."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def main(variant: str, num_layers: int, device: str) -> None:
@@ -32,7 +42,8 @@ def main(variant: str, num_layers: int, device: str) -> None:
         config, checkpoint_dir, size = write_sparse_checkpoint(variant, Path(root), num_layers=num_layers)
         if device not in ("cpu", "convert"):
             torch.empty(1, device=device)  # the CUDA context is not part of the load
-        before = resident_bytes()
+        before = status_bytes("VmRSS")
+        reset_peak_resident()
         start = time.perf_counter()
         if device == "convert":
             special_tokens = Path(root) / "special_tokens.npz"
@@ -52,7 +63,7 @@ def main(variant: str, num_layers: int, device: str) -> None:
         if device not in ("cpu", "convert"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = status_bytes("VmHWM")
         record = {
             "variant": variant,
             "num_layers": num_layers,

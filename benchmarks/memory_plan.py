@@ -34,6 +34,7 @@ import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -163,12 +164,18 @@ def _keeps_fp32(model, name: str) -> bool:
 
 def meta_model(cls, **config):
     """`cls(**config)` on the meta device, in bfloat16 except the modules it keeps in float32 (as `from_pretrained`
-    with `torch_dtype=torch.bfloat16` loads it; integer tensors such as float8 weight bytes stay as they are)."""
+    with `torch_dtype=torch.bfloat16` loads it; integer tensors such as float8 weight bytes stay as they are).
+
+    Its attention runs on PyTorch SDPA (the default backend, which masks caption padding), whatever backend another
+    model has made the active one: the plan must not depend on what ran before it."""
     with torch.device("meta"):
         model = cls(**config)
     for name, parameter in model.named_parameters():
         if parameter.is_floating_point() and not _keeps_fp32(model, name):
             parameter.data = parameter.data.to(DTYPE)
+    for module in model.modules():
+        if isinstance(getattr(module, "processor", None), attention_magi.MagiAttnProcessor):
+            module.processor._attention_backend = AttentionBackendName.NATIVE
     return model.eval()
 
 

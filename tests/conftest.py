@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from .reference_data import FULL_REFERENCE_DIR, REPO_ROOT, reference_root
 
@@ -38,6 +39,15 @@ def pytest_runtest_makereport(item, call):
 def _deterministic_cpu():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_active_attention_backend():
+    """`ModelMixin.set_attention_backend` also sets Diffusers' process-wide active backend, which every model whose
+    processors name no backend then uses: put it back after each test so no test depends on the ones before it."""
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
 
 
 def relative_max_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
