@@ -248,9 +248,15 @@ def test_tab_session_joins_clips_of_any_length(tmp_path, pipe):
     tab = TabSession()
     tab.start(session, "x", str(tmp_path))
     rng = np.random.default_rng(0)
+    videos = []
     for length in (24, 10, 24):
-        tab.add_chunk(rng.random((1, length, SIZE, SIZE, 3), dtype=np.float32))
+        videos.append(tab.add_chunk(rng.random((1, length, SIZE, SIZE, 3), dtype=np.float32))[1])
     assert _read_video(tab.video_path).shape == (58, SIZE, SIZE, 3)
+    # Each mp4 so far has a name of its own (one being downloaded is never replaced); the folder keeps the last two.
+    assert len(set(videos)) == 3
+    assert sorted(name for name in os.listdir(tab.folder) if name.startswith("magi-video")) == [
+        os.path.basename(video) for video in videos[1:]
+    ]
     folder = tab.folder
     tab.close()
     assert not os.path.exists(folder) and session.interrupted

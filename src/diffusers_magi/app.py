@@ -14,6 +14,7 @@ is encoded once to its own clip, and the whole video is the clips joined without
 """
 
 import argparse
+import contextlib
 import html
 import math
 import os
@@ -76,14 +77,21 @@ class TabSession:
         self.clips, self.prompts, self.video_path, self.num_frames = [], [_PromptSwitch(0, prompt)], None, 0
 
     def add_chunk(self, frames) -> Tuple[str, str]:
-        """Encode one chunk's frames `(batch, frames, H, W, 3)` to its own clip and rewrite the mp4 so far (the clips
-        joined without re-encoding, replaced atomically). Returns `(clip, video so far)`."""
+        """Encode one chunk's frames `(batch, frames, H, W, 3)` to its own clip and write the mp4 so far (the clips
+        joined without re-encoding) under a new name. Returns `(clip, video so far)`.
+
+        A new name per chunk, never a file replaced in place: the browser may still be fetching the previous mp4 (a
+        server that sends a path it has measured must find the same file when it reads it). The mp4 before the
+        previous one is deleted, so the folder holds the clips and two mp4s however long the video gets."""
         index = len(self.clips)
         clip = write_video_stream([frames], os.path.join(self.folder, f"chunk_{index:05d}.mp4"), fps=FPS)
         self.clips.append(clip)
         self.num_frames += frames.shape[1]
-        video = os.path.join(self.folder, "magi-video.mp4")
+        video = os.path.join(self.folder, f"magi-video-{len(self.clips):05d}-chunks.mp4")
         _join_clips(self.clips, video, os.path.join(self.folder, "clips.txt"))
+        if len(self.clips) > 2:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.folder, f"magi-video-{len(self.clips) - 2:05d}-chunks.mp4"))
         self.video_path = video
         return clip, video
 
