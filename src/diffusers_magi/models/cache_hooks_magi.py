@@ -10,12 +10,17 @@ A MAGI-1 block returns its hidden states alone, and a skipped MAGI-1 attention c
 its output is zero (the block adds the gated, normalised attention output to its input).
 
 Caches keep their state per `cache_context`; the guidance passes name one context per window and branch
-(`guidance_magi`), so a cache never compares calls of different chunks, shapes or guidance branches, and the pass
-that writes the KV cache, the first of its context, is always computed. Pyramid attention broadcast and FasterCache
-keep one state per hook instead (Diffusers 0.42): `magi_cache_context` gives them a state per context too.
+(`guidance_magi`), each session its own windows (`MagiSession`), so a cache never compares calls of different
+chunks, shapes, guidance branches or generations, and the pass that writes the KV cache, the first of its context, is
+always computed. A session forgets a window's states when the window moves and all of its own when it ends
+(`forget_step_cache_contexts`), never another session's. Pyramid attention broadcast and FasterCache keep one state
+per hook instead (Diffusers 0.42): `magi_cache_context` gives them a state per context too.
 """
 
 import contextlib
+import copy
+import threading
+from typing import Dict, List
 
 import torch
 
@@ -75,21 +80,26 @@ def _fresh_state(hook):
 @contextlib.contextmanager
 def magi_cache_context(transformer: torch.nn.Module, name: str):
     """`transformer.cache_context(name)`, and a state of its own under `name` for every hook that keeps a single
-    state, so that every cache keeps its state per context."""
-    for hook in _single_state_hooks(transformer):
-        if "_magi_context_states" not in vars(hook):
-            _track_context_states(hook)
-        states = hook._magi_context_states
-        if name not in states:
-            states[name] = _fresh_state(hook)
-        hook.state = states[name]
-    with transformer.cache_context(name):
-        yield
+    state, so that every cache keeps its state per context.
+
+    The hooks' current context is shared by everything that calls `transformer`: the context is held under a lock
+    of the transformer's, so step-cached calls from several threads (sessions side by side) run one at a time, each
+    in its own context."""
+    with transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock()):
+        for hook in _single_state_hooks(transformer):
+            if "_magi_context_states" not in vars(hook):
+                _track_context_states(hook)
+            states = hook._magi_context_states
+            if name not in states:
+                states[name] = _fresh_state(hook)
+            hook.state = states[name]
+        with transformer.cache_context(name):
+            yield
 
 
 def _track_context_states(hook) -> None:
-    """Give `hook` a state per context; its `reset_state` (what `_reset_stateful_cache` and the pipelines'
-    `maybe_free_model_hooks` call) then forgets every context's state."""
+    """Give `hook` a state per context; its `reset_state` (what `_reset_stateful_cache` calls) then forgets every
+    context's state."""
     hook._magi_context_states = {}
     reset_current_state = hook.reset_state
 
@@ -100,9 +110,38 @@ def _track_context_states(hook) -> None:
     hook.reset_state = reset_state
 
 
-def reset_step_cache(transformer: torch.nn.Module) -> None:
-    """Forget the state of the step cache enabled on `transformer` (`enable_cache`), every context's: call it when a
-    generation starts and whenever the window moves, so that no state leaks across windows, calls or sessions and
-    the states of finished windows are freed. Does nothing without a cache."""
-    if getattr(transformer, "is_cache_enabled", False):
-        transformer._reset_stateful_cache()
+def _context_state_tables(transformer: torch.nn.Module) -> List[Dict[str, object]]:
+    """The `{context name: state}` tables of every stateful hook under `transformer` (Diffusers' `StateManager`s
+    and the per-context states `magi_cache_context` gives single-state hooks)."""
+    from diffusers.hooks.hooks import StateManager
+
+    tables = []
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            tables.extend(v._state_cache for v in vars(hook).values() if isinstance(v, StateManager))
+            if "_magi_context_states" in vars(hook):
+                tables.append(hook._magi_context_states)
+    return tables
+
+
+def forget_step_cache_contexts(transformer: torch.nn.Module, prefix: str) -> None:
+    """Forget the step-cache states of the contexts whose names start with `prefix` (a session's finished window,
+    or all of a finished session's), leaving every other context's as it is. Does nothing without a cache."""
+    if not getattr(transformer, "is_cache_enabled", False):
+        return
+    with transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock()):
+        for table in _context_state_tables(transformer):
+            for name in [name for name in table if name.startswith(prefix)]:
+                del table[name]
+
+
+def copy_step_cache_contexts(transformer: torch.nn.Module, prefix: str, new_prefix: str) -> None:
+    """Copy the step-cache states of the contexts named `prefix...` to `new_prefix...` (a forked session goes on
+    from the states its parent had). Does nothing without a cache."""
+    if not getattr(transformer, "is_cache_enabled", False):
+        return
+    with transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock()):
+        for table in _context_state_tables(transformer):
+            for name in [name for name in table if name.startswith(prefix)]:
+                table[new_prefix + name[len(prefix) :]] = copy.deepcopy(table[name])

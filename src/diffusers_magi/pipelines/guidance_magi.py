@@ -159,9 +159,10 @@ class MagiGuidance:
             step_size (`float`, *optional*): shortcut step size of distilled checkpoints.
             cache_window (hashable, *optional*): names the window for step caches (`transformer.enable_cache`): each
                 pass runs in `transformer.cache_context(f"{cache_window}/{call shape}/{branch}")`. The caller passes
-                a key that is the same for all calls of one window and differs between windows, and resets the cache
-                state (`cache_hooks_magi.reset_step_cache`) when the window moves. Defaults to `first_chunk_index` when a step cache is
-                enabled (no context otherwise).
+                a key that is the same for all calls of one window and differs between windows and generations
+                (`MagiSession` passes `f"{session}/chunk{first_chunk_index}"`), and forgets a finished window's
+                states (`cache_hooks_magi.forget_step_cache_contexts`). Defaults to `f"chunk{first_chunk_index}"`
+                when a step cache is enabled (no context otherwise).
 
         Returns:
             `torch.Tensor` of shape `(batch, channels, (num_chunks - num_clean_chunks) * chunk_frames, H, W)`.

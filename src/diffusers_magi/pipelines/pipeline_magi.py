@@ -17,6 +17,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils.torch_utils import get_device
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..conversion.pipeline import load_original_components
@@ -600,6 +601,14 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
     def _stream_session(self, session: MagiSession) -> Iterator[MagiChunkOutput]:
         yield from session.chunks()
         self.maybe_free_model_hooks()
+
+    def maybe_free_model_hooks(self):
+        """Re-arm model offloading after a generation, as Diffusers' pipelines do, without resetting the
+        transformer's step cache (`enable_cache`): Diffusers resets every context's state here, which would wipe the
+        states of other sessions still generating on this pipeline; each session forgets its own instead
+        (`MagiSession`, `cache_hooks_magi.forget_step_cache_contexts`)."""
+        if getattr(self, "_all_hooks", None):
+            self.enable_model_cpu_offload(device=getattr(self, "_offload_device", get_device()))
 
     def start_session(self, *args, **kwargs) -> MagiSession:
         r"""

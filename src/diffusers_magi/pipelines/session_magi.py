@@ -11,13 +11,16 @@ Reading order: `next_chunk` -> `_run_call` (one planned transformer call: chunks
 guidance, Euler step, cache pruning) -> the pipeline's `_postprocess_chunk` (decode).
 """
 
+import contextlib
 import contextvars
 import copy
 import hashlib
+import itertools
 import json
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,6 +29,7 @@ import torch
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.cache_hooks_magi import copy_step_cache_contexts, forget_step_cache_contexts, magi_cache_context
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiLearnedTokens
 from ..schedulers.scheduling_magi_chunk import MagiChunkPlan
@@ -41,6 +45,8 @@ SESSION_FORMAT_VERSION = 1
 
 # The session whose planned call is running in this thread / generator step (what `pipe.interrupt` refers to).
 _ACTIVE_SESSION: contextvars.ContextVar = contextvars.ContextVar("active_magi_session", default=None)
+# Numbers the sessions of this process: the names of their step-cache contexts (`transformer.enable_cache`).
+_SESSION_NUMBERS = itertools.count()
 
 
 class MagiSessionInterrupted(RuntimeError):
@@ -170,6 +176,14 @@ class MagiSession:
         self._chunk_times: List[float] = []
         self._last_chunk_time: Optional[float] = None
         self._lock = threading.RLock()
+        self._name_step_cache_contexts()
+
+    def _name_step_cache_contexts(self) -> None:
+        """Give this session step-cache contexts of its own, `session<n>/chunk<first chunk of the window>/...`,
+        forgotten when it is garbage-collected (a session that ends forgets them at once)."""
+        self._step_cache_name = f"session{next(_SESSION_NUMBERS)}"
+        self._step_cache_chunk: Optional[int] = None  # first chunk of the window whose states are kept
+        weakref.finalize(self, forget_step_cache_contexts, self.pipeline.transformer, self._step_cache_name + "/")
 
     # ----------------------------------------------------------------------------------------------------------------
     # Properties
@@ -386,6 +400,9 @@ class MagiSession:
             branch._chunk_times = list(self._chunk_times)
             branch._generators = [_copy_generator(generator) for generator in self._generators]
             branch.plan = copy.copy(self.plan)
+            branch._name_step_cache_contexts()
+            branch._step_cache_chunk = self._step_cache_chunk
+            copy_step_cache_contexts(self.pipeline.transformer, self._step_cache_name + "/", branch._step_cache_name + "/")
         return branch
 
     def save(self, path: Union[str, os.PathLike]) -> str:
@@ -434,6 +451,7 @@ class MagiSession:
             kv_cache=self._cache,
             step_size=plan.shortcut_step_size(call) if transformer.config.step_size_conditioning else None,
             attention_kwargs=self.settings.attention_kwargs,
+            cache_window=self._step_cache_window(call.first_chunk),
         )
         denoised = None
         if call.is_prefix_call:
@@ -467,7 +485,20 @@ class MagiSession:
             finished = (chunk - self.num_prefix_chunks, self._chunk_latents[chunk][:, :, first_frame:])
             self._chunks_done += 1
         self._drop_unused_switches()
+        if self.finished:
+            forget_step_cache_contexts(transformer, self._step_cache_name + "/")
         return finished
+
+    def _step_cache_window(self, first_chunk: int) -> Optional[str]:
+        """This session's name for the window starting at `first_chunk`, for step caches (`None` without one); the
+        states of the window before it are forgotten once the window has moved on (no later call is in it)."""
+        transformer = self.pipeline.transformer
+        if not getattr(transformer, "is_cache_enabled", False):
+            return None
+        if self._step_cache_chunk is not None and self._step_cache_chunk != first_chunk:
+            forget_step_cache_contexts(transformer, f"{self._step_cache_name}/chunk{self._step_cache_chunk}/")
+        self._step_cache_chunk = first_chunk
+        return f"{self._step_cache_name}/chunk{first_chunk}"
 
     def _run_callback(self, call, timestep, denoised, prompt_embeds, negative_prompt_embeds) -> torch.Tensor:
         available = {"latents": denoised, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
@@ -538,18 +569,24 @@ class MagiSession:
         rows = self._recache_rows[:, None].expand(-1, len(chunks))
         captions = self._window_captions(generated, rows=rows)
         timestep = torch.full((self.settings.batch_size, len(chunks)), plan.clean_t, device=window.device)
-        transformer(
-            window,
-            timestep,
-            *captions,
-            first_chunk_index=chunks[0],
-            attention_chunk_starts=list(attention_starts),
-            kv_cache=self._cache,
-            num_chunks_to_cache=len(chunks),
-            caption_dropped=False,
-            step_size=plan.shortcut_step_size(call) if transformer.config.step_size_conditioning else None,
-            attention_kwargs=self.settings.attention_kwargs,
-        )
+        # Under a step cache: a context of its own, forgotten after the pass, so the cache computes the pass.
+        window_name = self._step_cache_window(call.first_chunk)
+        context = magi_cache_context(transformer, f"{window_name}/recache") if window_name else contextlib.nullcontext()
+        with context:
+            transformer(
+                window,
+                timestep,
+                *captions,
+                first_chunk_index=chunks[0],
+                attention_chunk_starts=list(attention_starts),
+                kv_cache=self._cache,
+                num_chunks_to_cache=len(chunks),
+                caption_dropped=False,
+                step_size=plan.shortcut_step_size(call) if transformer.config.step_size_conditioning else None,
+                attention_kwargs=self.settings.attention_kwargs,
+            )
+        if window_name:
+            forget_step_cache_contexts(transformer, f"{window_name}/recache")
 
 
 # --------------------------------------------------------------------------------------------------------------------
