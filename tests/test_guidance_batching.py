@@ -69,3 +69,27 @@ def test_branch_view_reads_for_every_branch_and_writes_one():
     view.write(2, stacked, stacked + 1, num_chunks=1)
     assert cache.chunk_indices == [0, 1, 2]
     assert torch.equal(cache.layer(0).read(2, 3, torch.device("cpu"))[0], stacked[4:])
+
+
+def test_pipeline_argument_chooses_batched_or_one_by_one_passes():
+    """`batch_guidance_branches` reaches the guidance: two transformer calls per denoising step batched, three one by
+    one, the same video (within 1e-6 of its scale); a non-bool is refused before any work."""
+    import pytest
+
+    from .tiny_models import tiny_pipeline
+
+    pipe = tiny_pipeline(with_vae=False)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    kwargs = dict(num_frames=24, height=32, width=32, num_inference_steps=4, guidance_mode="three_branch", output_type="latent")
+    videos = {}
+    for batched in (True, False):
+        calls.clear()
+        videos[batched] = pipe("a cat", generator=torch.Generator().manual_seed(0), batch_guidance_branches=batched, **kwargs).frames
+        videos[f"calls {batched}"] = len(calls)
+    assert videos["calls True"] * 3 == videos["calls False"] * 2, videos
+    assert relative_max_error(videos[True], videos[False]) <= 1e-6
+    calls.clear()
+    with pytest.raises(TypeError, match="batch_guidance_branches"):
+        pipe("a cat", batch_guidance_branches="no", **kwargs)
+    assert not calls

@@ -36,6 +36,14 @@ def check_int(value: Any, name: str, minimum: Optional[int] = None, allow_none: 
         raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """`value` must be `True` or `False` (a string such as `"false"`, which is truthy, or a number is not); returns
+    it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} ({_type_name(value)}).")
+    return value
+
+
 def check_float(value: Any, name: str, allow_none: bool = False) -> None:
     """`value` must be a finite real number (an int or a float; a `bool` or a string is not)."""
     if value is None and allow_none:

@@ -398,7 +398,9 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
 
-    def _guidance(self, guidance_mode, cfg_t_range, prev_chunk_scales, text_scales, nearly_clean_weight) -> MagiGuidance:
+    def _guidance(
+        self, guidance_mode, cfg_t_range, prev_chunk_scales, text_scales, nearly_clean_weight, batch_branches
+    ) -> MagiGuidance:
         config = self.config
         return MagiGuidance(
             mode=guidance_mode if guidance_mode is not None else config.guidance_mode,
@@ -407,6 +409,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             text_scales=text_scales if text_scales is not None else config.text_scales,
             nearly_clean_weight=nearly_clean_weight if nearly_clean_weight is not None else config.nearly_clean_weight,
             nearly_clean_threshold=config.nearly_clean_threshold,
+            batch_branches=checks.check_bool(batch_branches, "batch_guidance_branches"),
         )
 
     def _prefix_latents(self, num_videos: int, height: int, width: int, device: torch.device, **prefix_kwargs):
@@ -487,6 +490,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
         prev_chunk_scales: Optional[Sequence[float]] = None,
         text_scales: Optional[Sequence[float]] = None,
         nearly_clean_weight: Optional[float] = None,
+        batch_guidance_branches: bool = True,
         special_tokens: Optional[Sequence[str]] = DEFAULT_SPECIAL_TOKENS,
         negative_special_tokens: bool = False,
         num_videos_per_prompt: int = 1,
@@ -527,6 +531,9 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
                 band edges in time (0 = noise) and, per band, the scales towards earlier chunks and towards the text.
             nearly_clean_weight (`float`, *optional*): distilled: weight of the normal velocity of a nearly clean
                 first chunk (0.7).
+            batch_guidance_branches (`bool`, defaults to `True`): three-branch guidance: run the conditional and the
+                earlier-chunks-only passes as one transformer call on a doubled batch (faster, more activation
+                memory); `False` runs them one after the other, for the smallest GPUs. Same video to float rounding.
             special_tokens (`Sequence[str]`, defaults to `("hq", "duration")`): learned tokens prepended to each
                 chunk's caption: `hq`, `duration`, `static_first_frames`, `dynamic_first_frames`, `borderness`,
                 `three_d_model`, `two_d_anime`. `None` or `()` for none. In an open-ended session every chunk is told
@@ -724,6 +731,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             arguments["prev_chunk_scales"],
             arguments["text_scales"],
             arguments["nearly_clean_weight"],
+            arguments["batch_guidance_branches"],
         )
         if guidance.mode == "distilled" and (
             arguments["negative_prompt"] is not None or arguments["negative_prompt_embeds"] is not None

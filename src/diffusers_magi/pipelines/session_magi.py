@@ -409,7 +409,9 @@ class MagiSession:
         """Write the whole state to one safetensors file (tensors: KV cache, latents in flight, captions, prefix,
         random generator states; the JSON header metadata: settings, plan position, model fingerprint). No pickle.
         Resume it with `pipe.resume_session(path)` (in any process); the continued video equals the uninterrupted
-        one bit for bit. Returns the path written."""
+        one bit for bit. (A step cache's state, `transformer.enable_cache`, is not saved: the resumed session starts
+        its window's afresh, so with a cache that skips work the continuation can differ.) Returns the path
+        written."""
         from .session_state_magi import save_session_state
 
         with self._lock:
