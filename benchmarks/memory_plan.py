@@ -164,7 +164,7 @@ def _keeps_fp32(model, name: str) -> bool:
 
 def meta_model(cls, **config):
     """`cls(**config)` on the meta device, in bfloat16 except the modules it keeps in float32 (as `from_pretrained`
-    with `torch_dtype=torch.bfloat16` loads it; integer tensors such as float8 weight bytes stay as they are).
+    with `dtype=torch.bfloat16` loads it; integer tensors such as float8 weight bytes stay as they are).
 
     Its attention runs on PyTorch SDPA (the default backend, which masks caption padding), whatever backend another
     model has made the active one: the plan must not depend on what ran before it."""

@@ -109,7 +109,7 @@ def _literal(node: ast.expr):
 
 @lru_cache(maxsize=None)
 def _converted_model(path: str, dtype: torch.dtype):
-    return load_original_vae(path, torch_dtype=dtype)
+    return load_original_vae(path, dtype=dtype)
 
 
 def _tiling_from_helper_call(kwargs: dict) -> dict:

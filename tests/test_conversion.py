@@ -163,7 +163,7 @@ def test_dequantized_fp8_conversion(snapshot, tmp_path):
         variant_config(FP8_VARIANT),
         snapshot / "ckpt" / "magi" / FP8_VARIANT,
         SPECIAL_TOKENS,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
         dequantize_fp8=True,
     )
     assert_same_weights(transformer, direct)

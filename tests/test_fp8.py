@@ -174,7 +174,7 @@ def test_dequantized_fp8_is_further_from_the_original(reference_dir, name):
     case = Case(name)
     config = DIT_DIR / case.description["checkpoint"]["config"]
     for dtype in (torch.bfloat16, torch.float32):
-        dequantized = load_original_transformer(config, config.parent, torch_dtype=dtype, dequantize_fp8=True)
+        dequantized = load_original_transformer(config, config.parent, dtype=dtype, dequantize_fp8=True)
         assert dequantized.config.fp8_layers is None
         assert not any(isinstance(module, MagiFp8Linear) for module in dequantized.modules())
         for call in case.calls():

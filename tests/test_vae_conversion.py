@@ -39,7 +39,7 @@ def test_every_original_weight_is_loaded_unchanged(original_dir, original_weight
 
 
 def test_torch_dtype(original_dir):
-    model = load_original_vae(original_dir, torch_dtype=torch.bfloat16)
+    model = load_original_vae(original_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 

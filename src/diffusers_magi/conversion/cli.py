@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 vae_dir=args.vae_dir,
                 t5_dir=args.t5_dir,
                 special_tokens_path=args.special_tokens,
-                torch_dtype=dtype,
+                dtype=dtype,
                 dequantize_fp8=args.dequantize_fp8,
             )
             print(report)
@@ -166,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             checkpoint_dir=args.checkpoint_dir,
             vae_dir=args.vae_dir,
             t5_dir=args.t5_dir,
-            torch_dtype=dtype,
+            dtype=dtype,
             dequantize_fp8=args.dequantize_fp8,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,

@@ -72,7 +72,7 @@ def convert_original_to_diffusers(
     checkpoint_dir: Optional[PathLike] = None,
     vae_dir: Optional[PathLike] = None,
     t5_dir: Optional[PathLike] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
@@ -95,9 +95,9 @@ def convert_original_to_diffusers(
         config (`str` or `dict`, *optional*): an original config JSON instead of the preset.
         checkpoint_dir, vae_dir, t5_dir (`str`, *optional*): explicit folders (override the snapshot's; without a
             snapshot, `checkpoint_dir` is required and a missing VAE / T5 folder leaves that component out).
-        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks (default: the config's
+        dtype (`torch.dtype`, *optional*): dtype of the transformer blocks (default: the config's
             `params_dtype`, bfloat16 for the released checkpoints).
-        dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, write plain linears of `torch_dtype` with
+        dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, write plain linears of `dtype` with
             the dequantised weights instead of the float8 weights.
         max_shard_size (`int` or `str`, defaults to `"5GB"`): weights above it are sharded with an index.
         overwrite (`bool`, defaults to `False`): replace an existing `output_dir` that is empty or a previous
@@ -118,7 +118,7 @@ def convert_original_to_diffusers(
     sources = resolve_original_sources(source, variant, config, checkpoint_dir, vae_dir, t5_dir)
     inputs = input_paths(sources, special_tokens_path, config, source)
     check_output_folder(output_dir, overwrite, inputs)
-    components = plan_original_components(sources, special_tokens_path, torch_dtype, dequantize_fp8)
+    components = plan_original_components(sources, special_tokens_path, dtype, dequantize_fp8)
     for _, _, _, plan in components.values():
         plan.raise_for_errors()
         plan.warn_unexpected()

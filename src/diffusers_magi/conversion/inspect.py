@@ -98,7 +98,7 @@ def inspect_original(
     vae_dir: Optional[PathLike] = None,
     t5_dir: Optional[PathLike] = None,
     special_tokens_path: Optional[PathLike] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
 ) -> OriginalInspection:
     """Check a local original layout against its config from the weight headers only (no tensor data is read).
@@ -124,10 +124,10 @@ def inspect_original(
             sources.config,
             sources.checkpoint_dir,
             special_tokens_path,
-            torch_dtype=torch_dtype,
+            dtype=dtype,
             dequantize_fp8=dequantize_fp8,
         ),
-        "vae": (lambda: plan_original_vae(sources.vae_dir, torch_dtype=torch_dtype or torch.float32))
+        "vae": (lambda: plan_original_vae(sources.vae_dir, dtype=dtype or torch.float32))
         if sources.vae_dir
         else None,
         "text_encoder": (lambda: plan_original_text_encoder(sources.t5_dir)) if sources.t5_dir else None,

@@ -51,7 +51,7 @@ def pipeline_config_from_original(original_config: dict) -> dict:
 def plan_original_components(
     sources: OriginalSources,
     special_tokens_path: Optional[Union[str, os.PathLike]],
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
 ) -> Dict[str, tuple]:
     """Per component present (`"transformer"`, `"vae"`, `"text_encoder"`), the `(meta model, weights, spec, plan)` a
@@ -61,12 +61,12 @@ def plan_original_components(
             sources.config,
             sources.checkpoint_dir,
             special_tokens_path,
-            torch_dtype=torch_dtype,
+            dtype=dtype,
             dequantize_fp8=dequantize_fp8,
         )
     }
     if sources.vae_dir is not None:
-        components["vae"] = plan_original_vae(sources.vae_dir, torch_dtype=torch_dtype or torch.float32)
+        components["vae"] = plan_original_vae(sources.vae_dir, dtype=dtype or torch.float32)
     if sources.t5_dir is not None:
         components["text_encoder"] = plan_original_text_encoder(str(sources.t5_dir))
     return components
@@ -78,7 +78,7 @@ def convert_original_components(
     special_tokens_path: Optional[Union[str, os.PathLike]],
     vae_dir: Optional[Union[str, os.PathLike]] = None,
     t5_dir: Optional[Union[str, os.PathLike]] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[Dict[str, Union[str, dict]]] = None,
@@ -99,10 +99,10 @@ def convert_original_components(
         vae_dir (`str`, *optional*): the original `ckpt/vae` folder; without it the pipeline only returns latents.
         t5_dir (`str`, *optional*): the original T5 folder (`ckpt/t5/t5-v1_1-xxl`); without it the pipeline needs
             `prompt_embeds`. Pickled weights are read with `weights_only=True` only.
-        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks (default: the config's
+        dtype (`torch.dtype`, *optional*): dtype of the transformer blocks (default: the config's
             `params_dtype`, as the original runs). The VAE is float32 unless given; T5 keeps its stored dtype.
         dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, dequantise the float8 linears into plain
-            `torch_dtype` linears instead of keeping the float8 arithmetic.
+            `dtype` linears instead of keeping the float8 arithmetic.
         device (`str` or `torch.device`, *optional*): where every component's weights go (default CPU).
         device_map (`dict`, *optional*): per component (`"transformer"`, `"vae"`, `"text_encoder"`), a device or a
             `device_map` for that component (see `load_original_transformer`); instead of `device`.
@@ -119,7 +119,7 @@ def convert_original_components(
     unknown = sorted(set(device_map or {}) - {"transformer", "vae", "text_encoder"})
     if unknown:
         raise ValueError(f"device_map keys are components ('transformer', 'vae', 'text_encoder'), got {unknown}.")
-    components = plan_original_components(sources, special_tokens_path, torch_dtype, dequantize_fp8)
+    components = plan_original_components(sources, special_tokens_path, dtype, dequantize_fp8)
     for _, _, _, plan in components.values():
         plan.raise_for_errors()
     loaded = {}
@@ -145,7 +145,7 @@ def convert_original_components(
 def components_from_sources(
     sources: OriginalSources,
     special_tokens_path: Optional[Union[str, os.PathLike]],
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[dict] = None,
@@ -157,7 +157,7 @@ def components_from_sources(
         special_tokens_path,
         vae_dir=sources.vae_dir,
         t5_dir=sources.t5_dir,
-        torch_dtype=torch_dtype,
+        dtype=dtype,
         dequantize_fp8=dequantize_fp8,
         device=device,
         device_map=device_map,
@@ -169,7 +169,7 @@ def load_original_components(
     variant: Optional[str] = None,
     special_tokens: Optional[Union[str, os.PathLike]] = None,
     config: Optional[Union[str, os.PathLike, dict]] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[dict] = None,
@@ -190,7 +190,7 @@ def load_original_components(
     return components_from_sources(
         sources,
         special_tokens,
-        torch_dtype=torch_dtype,
+        dtype=dtype,
         dequantize_fp8=dequantize_fp8,
         device=device,
         device_map=device_map,

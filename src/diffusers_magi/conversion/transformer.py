@@ -207,18 +207,18 @@ def _dequantized(prefix: str, parts: Dict[str, torch.Tensor]) -> Tuple[str, torc
 def transformer_conversion_spec(
     fp8_layers: List[int],
     dequantize_fp8: bool,
-    torch_dtype: torch.dtype,
+    dtype: torch.dtype,
     keep_in_fp32_modules: List[str],
     special_tokens: Optional[torch.Tensor] = None,
 ) -> ConversionSpec:
     """The `ConversionSpec` of an original DiT checkpoint: renaming, the fp8 layout (or its dequantisation) and the
-    dtypes the model holds (float8 stays float8, `_keep_in_fp32_modules` float32, the rest `torch_dtype`)."""
+    dtypes the model holds (float8 stays float8, `_keep_in_fp32_modules` float32, the rest `dtype`)."""
     keep_in_fp32 = set(keep_in_fp32_modules)
 
     def dtype_for(name: str, expected: torch.Tensor) -> torch.dtype:
         if expected.dtype == torch.uint8:
             return torch.uint8
-        return torch.float32 if keep_in_fp32.intersection(name.split(".")) else torch_dtype
+        return torch.float32 if keep_in_fp32.intersection(name.split(".")) else dtype
 
     def group_of(name: str) -> Optional[str]:
         linear = _fp8_linear_of(name, fp8_layers)
@@ -249,16 +249,16 @@ def plan_original_transformer(
     config: Union[str, os.PathLike, dict],
     checkpoint_dir: Union[str, os.PathLike],
     special_tokens_path: Optional[Union[str, os.PathLike]] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
 ):
     """Everything `load_original_transformer` needs before reading a weight: `(meta model, weights, spec, plan)`,
     from the config and the safetensors headers alone (see `streaming.plan_component`)."""
     original_config = read_original_config(config)
-    if torch_dtype is None:
-        torch_dtype = params_dtype_from_original(original_config)
-    if torch_dtype not in _DTYPES.values():
-        raise TypeError(f"torch_dtype must be one of {list(_DTYPES.values())}, got {torch_dtype!r}.")
+    if dtype is None:
+        dtype = params_dtype_from_original(original_config)
+    if dtype not in _DTYPES.values():
+        raise TypeError(f"dtype must be one of {list(_DTYPES.values())}, got {dtype!r}.")
     weights = open_safetensors_folder(
         os.path.join(checkpoint_dir, original_weight_folder(original_config["engine_config"]))
     )
@@ -270,7 +270,7 @@ def plan_original_transformer(
     spec = transformer_conversion_spec(
         fp8_layers_from_original(original_config),
         dequantize_fp8,
-        torch_dtype,
+        dtype,
         model._keep_in_fp32_modules,
         special_tokens,
     )
@@ -281,7 +281,7 @@ def load_original_transformer(
     config: Union[str, os.PathLike, dict],
     checkpoint_dir: Union[str, os.PathLike],
     special_tokens_path: Optional[Union[str, os.PathLike]] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
     dequantize_fp8: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     device_map: Optional[Union[str, dict]] = None,
@@ -300,11 +300,11 @@ def load_original_transformer(
             `runtime_config.load`, e.g. `ckpt/magi/4.5B_base`).
         special_tokens_path (`str`, *optional*): the original `special_tokens.npz`; its tokens become weights of the
             model. Without it the model holds no special tokens.
-        torch_dtype (`torch.dtype`, *optional*): dtype of the transformer blocks; defaults to the config's
+        dtype (`torch.dtype`, *optional*): dtype of the transformer blocks; defaults to the config's
             `params_dtype` (what the original runs). Embedders, norms, the final projection and fp8 scales stay
             float32 (`_keep_in_fp32_modules`); float8 weights stay float8.
         dequantize_fp8 (`bool`, defaults to `False`): for fp8 checkpoints, turn every float8 linear into a plain linear
-            of `torch_dtype` holding its dequantised weight, instead of keeping float8 weights and arithmetic.
+            of `dtype` holding its dequantised weight, instead of keeping float8 weights and arithmetic.
         device (`str` or `torch.device`, *optional*): where every weight goes (default CPU).
         device_map (`str` or `dict`, *optional*): `{module prefix: device}` or an accelerate strategy (`"auto"`,
             `"balanced"`, ...; with `max_memory`); a map over several devices dispatches the model with accelerate
@@ -316,6 +316,6 @@ def load_original_transformer(
     any weight is read.
     """
     model, weights, spec, plan = plan_original_transformer(
-        config, checkpoint_dir, special_tokens_path, torch_dtype=torch_dtype, dequantize_fp8=dequantize_fp8
+        config, checkpoint_dir, special_tokens_path, dtype=dtype, dequantize_fp8=dequantize_fp8
     )
     return load_component(model, weights, spec, plan, device=device, device_map=device_map, max_memory=max_memory)

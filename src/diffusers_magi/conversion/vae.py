@@ -151,7 +151,7 @@ def convert_vae_state_dict(original_state_dict: dict[str, torch.Tensor]) -> dict
 
 
 def plan_original_vae(
-    vae_dir: str | Path, torch_dtype: torch.dtype = torch.float32
+    vae_dir: str | Path, dtype: torch.dtype = torch.float32
 ) -> Tuple[AutoencoderMagi, SafetensorsWeights, ConversionSpec, ComponentPlan]:
     """`(meta model, weights, spec, plan)` of an original VAE folder, from its config and safetensors header alone."""
     vae_dir = Path(vae_dir)
@@ -162,13 +162,13 @@ def plan_original_vae(
     weights = open_safetensors_file(vae_dir / "diffusion_pytorch_model.safetensors")
     with torch.device("meta"):
         model = AutoencoderMagi(**config)
-    spec = ConversionSpec(rename=rename_vae_tensor, dtype_for=lambda name, expected: torch_dtype)
+    spec = ConversionSpec(rename=rename_vae_tensor, dtype_for=lambda name, expected: dtype)
     return model, weights, spec, plan_component("vae", model, weights, spec)
 
 
 def load_original_vae(
     vae_dir: str | Path,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
     device: Optional[str | torch.device] = None,
     device_map: Optional[str | dict] = None,
 ) -> AutoencoderMagi:
@@ -177,7 +177,7 @@ def load_original_vae(
 
     Args:
         vae_dir: the original folder, e.g. ``ckpt/vae``.
-        torch_dtype: dtype of the returned model's parameters.
+        dtype: dtype of the returned model's parameters.
         device: where the weights go (default CPU), each tensor straight from the file.
         device_map: `{module prefix: device}` or an accelerate strategy, instead of `device`.
 
@@ -188,5 +188,5 @@ def load_original_vae(
         ValueError: for an unsupported option, a missing weight, or a weight of the wrong shape (naming it). Weights
             no rule knows are skipped with one warning listing them.
     """
-    model, weights, spec, plan = plan_original_vae(vae_dir, torch_dtype)
+    model, weights, spec, plan = plan_original_vae(vae_dir, dtype)
     return load_component(model, weights, spec, plan, device=device, device_map=device_map)

@@ -198,7 +198,7 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             variant=variant,
             special_tokens=special_tokens,
             config=config,
-            torch_dtype=dtype,
+            dtype=dtype,
             dequantize_fp8=dequantize_fp8,
             **download_kwargs,
         )
