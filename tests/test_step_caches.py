@@ -200,3 +200,18 @@ def test_a_fork_goes_on_from_its_parents_step_cache_states(cache):
     fork = session.fork()
     assert torch.equal(fork.next_chunk().frames, session.next_chunk().frames)
     assert torch.equal(fork.next_chunk().frames, _solo(cache, "a cat runs", 3)[2])
+
+
+@pytest.mark.parametrize("cache", SIDE_BY_SIDE_CACHES)
+def test_a_recache_switch_under_a_cache_that_never_skips_changes_nothing(cache):
+    """`set_prompt(..., recache=True)` re-runs the cached chunks in a step-cache context of its own."""
+    videos = []
+    for step_cache in (None, _never_skip(cache)):
+        pipe = tiny_pipeline(with_vae=False)
+        if step_cache is not None:
+            pipe.transformer.enable_cache(step_cache)
+        session = _session(pipe, "a cat runs")
+        frames = [session.next_chunk().frames for _ in range(2)]
+        session.set_prompt("a dog jumps", recache=True)
+        videos.append(torch.cat(frames + [session.next_chunk().frames for _ in range(2)], dim=2))
+    assert torch.equal(*videos)

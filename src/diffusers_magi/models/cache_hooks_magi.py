@@ -20,7 +20,7 @@ per hook instead (Diffusers 0.42): `magi_cache_context` gives them a state per c
 import contextlib
 import copy
 import threading
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -52,18 +52,28 @@ def register_cache_hooks() -> None:
     )
 
 
+def _hooks(transformer: torch.nn.Module):
+    """Every Diffusers hook registered on `transformer` or its submodules."""
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        yield from registry.hooks.values() if registry is not None else ()
+
+
+def _state_managers(hook) -> list:
+    from diffusers.hooks.hooks import StateManager
+
+    return [value for value in vars(hook).values() if isinstance(value, StateManager)]
+
+
 def _single_state_hooks(transformer: torch.nn.Module):
     """Stateful hooks under `transformer` that keep one `state` instead of a `StateManager` (pyramid attention
     broadcast, FasterCache)."""
-    from diffusers.hooks.hooks import StateManager
+    return [hook for hook in _hooks(transformer) if hook._is_stateful and hasattr(hook, "state") and not _state_managers(hook)]
 
-    hooks = []
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        for hook in registry.hooks.values() if registry is not None else ():
-            if hook._is_stateful and hasattr(hook, "state") and not any(isinstance(v, StateManager) for v in vars(hook).values()):
-                hooks.append(hook)
-    return hooks
+
+def _step_cache_lock(transformer: torch.nn.Module) -> threading.RLock:
+    """The lock under which step-cache contexts of `transformer` are entered, forgotten and copied."""
+    return transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock())
 
 
 def _fresh_state(hook):
@@ -85,7 +95,7 @@ def magi_cache_context(transformer: torch.nn.Module, name: str):
     The hooks' current context is shared by everything that calls `transformer`: the context is held under a lock
     of the transformer's, so step-cached calls from several threads (sessions side by side) run one at a time, each
     in its own context."""
-    with transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock()):
+    with _step_cache_lock(transformer):
         for hook in _single_state_hooks(transformer):
             if "_magi_context_states" not in vars(hook):
                 _track_context_states(hook)
@@ -95,6 +105,14 @@ def magi_cache_context(transformer: torch.nn.Module, name: str):
             hook.state = states[name]
         with transformer.cache_context(name):
             yield
+
+
+def window_cache_context(transformer: torch.nn.Module, window: Optional[str], branch: str):
+    """The step-cache context `f"{window}/{branch}"` (`magi_cache_context`), or nothing when `window` is `None` (no
+    step cache enabled)."""
+    if window is None:
+        return contextlib.nullcontext()
+    return magi_cache_context(transformer, f"{window}/{branch}")
 
 
 def _track_context_states(hook) -> None:
@@ -113,15 +131,11 @@ def _track_context_states(hook) -> None:
 def _context_state_tables(transformer: torch.nn.Module) -> List[Dict[str, object]]:
     """The `{context name: state}` tables of every stateful hook under `transformer` (Diffusers' `StateManager`s
     and the per-context states `magi_cache_context` gives single-state hooks)."""
-    from diffusers.hooks.hooks import StateManager
-
     tables = []
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        for hook in registry.hooks.values() if registry is not None else ():
-            tables.extend(v._state_cache for v in vars(hook).values() if isinstance(v, StateManager))
-            if "_magi_context_states" in vars(hook):
-                tables.append(hook._magi_context_states)
+    for hook in _hooks(transformer):
+        tables.extend(manager._state_cache for manager in _state_managers(hook))
+        if "_magi_context_states" in vars(hook):
+            tables.append(hook._magi_context_states)
     return tables
 
 
@@ -130,7 +144,7 @@ def forget_step_cache_contexts(transformer: torch.nn.Module, prefix: str) -> Non
     or all of a finished session's), leaving every other context's as it is. Does nothing without a cache."""
     if not getattr(transformer, "is_cache_enabled", False):
         return
-    with transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock()):
+    with _step_cache_lock(transformer):
         for table in _context_state_tables(transformer):
             for name in [name for name in table if name.startswith(prefix)]:
                 del table[name]
@@ -141,7 +155,7 @@ def copy_step_cache_contexts(transformer: torch.nn.Module, prefix: str, new_pref
     from the states its parent had). Does nothing without a cache."""
     if not getattr(transformer, "is_cache_enabled", False):
         return
-    with transformer.__dict__.setdefault("_magi_step_cache_lock", threading.RLock()):
+    with _step_cache_lock(transformer):
         for table in _context_state_tables(transformer):
             for name in [name for name in table if name.startswith(prefix)]:
                 table[new_prefix + name[len(prefix) :]] = copy.deepcopy(table[name])

@@ -25,14 +25,13 @@ Step caches (Diffusers' `transformer.enable_cache(...)`): every transformer call
 ever compares a call with earlier calls of the same window and branch (the same shapes and the same role).
 """
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.cache_hooks_magi import magi_cache_context
+from ..models.cache_hooks_magi import window_cache_context
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiTransformer3DModel
 
@@ -195,7 +194,7 @@ class MagiGuidance:
         if self.batch_branches:
             batch_size = latents.shape[0]
             call = dict(call, kv_cache=kv_cache.branch_view(2, write_branch=1) if kv_cache is not None else None)
-            with _cache_context(transformer, window, "cond+prev_only"):
+            with window_cache_context(transformer, window, "cond+prev_only"):
                 both = transformer(
                     torch.cat([latents, latents]),
                     torch.cat([timestep, timestep]),
@@ -207,11 +206,11 @@ class MagiGuidance:
                 ).sample[:, :, clean_frames:]
             cond, prev_only = both[:batch_size], both[batch_size:]
         else:
-            with _cache_context(transformer, window, "cond"):
+            with window_cache_context(transformer, window, "cond"):
                 cond = transformer(
                     latents, timestep, prompt_embeds, prompt_attention_mask, caption_dropped=False, **call
                 ).sample[:, :, clean_frames:]
-            with _cache_context(transformer, window, "prev_only"):
+            with window_cache_context(transformer, window, "prev_only"):
                 prev_only = transformer(
                     latents,
                     timestep,
@@ -221,7 +220,7 @@ class MagiGuidance:
                     num_chunks_to_cache=num_clean_chunks,
                     **call,
                 ).sample[:, :, clean_frames:]
-        with _cache_context(transformer, window, "uncond"):
+        with window_cache_context(transformer, window, "uncond"):
             uncond = self._unconditional_velocity(
                 transformer,
                 latents[:, :, clean_frames:],
@@ -252,7 +251,7 @@ class MagiGuidance:
         in `predict_velocity`."""
         num_chunks = timestep.shape[1]
         window = _cache_window(transformer, cache_window, first_chunk_index, num_chunks, num_chunks)
-        with _cache_context(transformer, window, "prefix"):
+        with window_cache_context(transformer, window, "prefix"):
             return transformer(
                 latents,
                 timestep,
@@ -295,7 +294,7 @@ class MagiGuidance:
         first = num_clean_chunks  # the first denoised chunk
         nearly_clean = float(timestep[0, first]) > self.nearly_clean_threshold
         if not nearly_clean:
-            with _cache_context(transformer, window, "distilled"):
+            with window_cache_context(transformer, window, "distilled"):
                 return transformer(
                     latents,
                     timestep,
@@ -310,7 +309,7 @@ class MagiGuidance:
         first_frames = slice(first * chunk_frames, (first + 1) * chunk_frames)
         appended_index = call["first_chunk_index"] + num_chunks
         call = dict(call, attention_chunk_starts=[*call["attention_chunk_starts"], appended_index])
-        with _cache_context(transformer, window, "distilled+alone"):
+        with window_cache_context(transformer, window, "distilled+alone"):
             velocity = transformer(
                 torch.cat([latents, latents[:, :, first_frames]], dim=2),
                 torch.cat([timestep, timestep[:, first : first + 1]], dim=1),
@@ -336,10 +335,3 @@ def _cache_window(transformer, cache_window, first_chunk_index: int, num_chunks:
             return None
         cache_window = f"chunk{first_chunk_index}"
     return f"{cache_window}/{num_chunks}chunks{num_clean_chunks}clean"
-
-
-def _cache_context(transformer, window, branch: str):
-    """The cache context `f"{window}/{branch}"` (`magi_cache_context`), or nothing when `window` is `None`."""
-    if window is None:
-        return contextlib.nullcontext()
-    return magi_cache_context(transformer, f"{window}/{branch}")

@@ -11,7 +11,6 @@ Reading order: `next_chunk` -> `_run_call` (one planned transformer call: chunks
 guidance, Euler step, cache pruning) -> the pipeline's `_postprocess_chunk` (decode).
 """
 
-import contextlib
 import contextvars
 import copy
 import hashlib
@@ -29,7 +28,7 @@ import torch
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.cache_hooks_magi import copy_step_cache_contexts, forget_step_cache_contexts, magi_cache_context
+from ..models.cache_hooks_magi import copy_step_cache_contexts, forget_step_cache_contexts, window_cache_context
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiLearnedTokens
 from ..schedulers.scheduling_magi_chunk import MagiChunkPlan
@@ -573,8 +572,7 @@ class MagiSession:
         timestep = torch.full((self.settings.batch_size, len(chunks)), plan.clean_t, device=window.device)
         # Under a step cache: a context of its own, forgotten after the pass, so the cache computes the pass.
         window_name = self._step_cache_window(call.first_chunk)
-        context = magi_cache_context(transformer, f"{window_name}/recache") if window_name else contextlib.nullcontext()
-        with context:
+        with window_cache_context(transformer, window_name, "recache"):
             transformer(
                 window,
                 timestep,
