@@ -64,9 +64,7 @@ def lora_file(tmp_path_factory):
     return folder
 
 
-def test_pipelines_have_the_lora_loader():
-    for cls in (MagiImageToVideoPipeline, MagiVideoToVideoPipeline):
-        assert hasattr(cls, "load_lora_weights") and hasattr(cls, "fuse_lora")
+def test_image_to_video_takes_the_lora():
     import numpy as np
     import PIL.Image
 
@@ -77,6 +75,30 @@ def test_pipelines_have_the_lora_loader():
     assert pipe.get_active_adapters() == ["style"]
     adapted = pipe(image=image, generator=torch.Generator().manual_seed(0), **{**KWARGS, "num_frames": 24}).frames
     assert (adapted - base).abs().max() > 1e-2
+
+
+def test_video_to_video_takes_the_lora(tmp_path):
+    """The prefix video is encoded and continued by the adapted transformer; unloading gives the base video back."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    path = str(tmp_path / "prefix.mp4")
+    rng = np.random.default_rng(0)
+    imageio.mimwrite(path, [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(16)], fps=24)
+    pipe = MagiVideoToVideoPipeline.from_pipe(tiny_pipeline())
+
+    def run():
+        kwargs = {**KWARGS, "num_frames": 24}
+        return pipe(video=path, num_prefix_frames=8, generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    base = run()
+    pipe.load_lora_weights(_lora(pipe.transformer, seed=1), adapter_name="style")
+    assert pipe.get_active_adapters() == ["style"]
+    adapted = run()
+    assert adapted.shape == base.shape == (1, 16, 10, 4, 4)
+    assert (adapted - base).abs().max() > 1e-2
+    pipe.unload_lora_weights()
+    assert torch.equal(run(), base)
 
 
 def test_adapter_changes_output_and_equals_the_merged_weights(base, lora_file):
@@ -330,16 +352,51 @@ def test_lora_with_model_cpu_offload(lora_file, adapted_reference):
     assert torch.equal(_run(pipe), adapted_reference)
 
 
-def test_lora_with_sequential_offload_hooks(lora_file, adapted_reference):
-    """Accelerate's per-layer offload hooks (what `enable_sequential_cpu_offload` installs) over the adapted
-    transformer: the LoRA layers' weights are offloaded to the meta device like every other layer."""
-    pipe = tiny_pipeline()
-    pipe.load_lora_weights(lora_file)
+def _sequential_offload(pipe):
+    """Accelerate's per-layer offload hooks on every component, executing on the CPU: what
+    `enable_sequential_cpu_offload(device=...)` installs (which refuses `device='cpu'`, see `tests/test_offloading.py`)."""
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             accelerate.cpu_offload(component, CPU)
+
+
+def test_lora_with_sequential_offload_hooks(lora_file, adapted_reference):
+    """The LoRA loaded first, then the per-layer offload hooks over the adapted transformer: the LoRA layers' weights
+    are offloaded to the meta device like every other layer."""
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(lora_file)
+    _sequential_offload(pipe)
     assert pipe.transformer.blocks[0].attn.to_q.lora_A["default_0"].weight.device.type == "meta"
     assert torch.equal(_run(pipe), adapted_reference)
+
+
+def test_lora_loaded_after_sequential_offload(base, lora_file, adapted_reference):
+    """Diffusers' order: sequential offloading on, then `load_lora_weights`. The hooks are taken off, the LoRA is
+    loaded, and the hooks go back on the same components with the same execution device (Diffusers' own re-arming
+    calls `enable_sequential_cpu_offload()` without it); the new LoRA layers are offloaded too. Unloading restores the
+    base output with the hooks still on."""
+    pipe = tiny_pipeline()
+    _sequential_offload(pipe)
+    pipe.load_lora_weights(lora_file)
+    to_q = pipe.transformer.blocks[0].attn.to_q
+    assert to_q.lora_A["default_0"].weight.device.type == "meta" and to_q.base_layer.weight.device.type == "meta"
+    assert pipe.text_encoder.device.type == "meta" and pipe.vae.device.type == "meta"
+    assert torch.equal(_run(pipe), adapted_reference)
+    assert torch.equal(_run(pipe), adapted_reference)
+    pipe.unload_lora_weights()
+    assert isinstance(pipe.transformer.blocks[0].attn.to_q, torch.nn.Linear)
+    assert pipe.transformer.blocks[0].attn.to_q.weight.device.type == "meta"
+    assert torch.equal(_run(pipe), base)
+
+
+def test_bad_lora_after_sequential_offload_leaves_the_hooks_on(tmp_path, base):
+    pipe = tiny_pipeline()
+    _sequential_offload(pipe)
+    state_dict = {**_lora(pipe.transformer, seed=1), "transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 9)}
+    with pytest.raises(ValueError, match=r"'transformer\.blocks\.0\.attn\.to_q\.lora_A\.weight' has shape \(4, 9\)"):
+        pipe.load_lora_weights(state_dict)
+    assert pipe.transformer.blocks[0].attn.to_q.weight.device.type == "meta"
+    assert torch.equal(_run(pipe), base)
 
 
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
@@ -411,8 +468,9 @@ def test_load_lora_weights_from_a_hub_id(lora_file, adapted_reference):
         return str(lora_file / filename)
 
     pipe = tiny_pipeline()
-    with mock.patch.object(lora_base, "model_info", model_info), mock.patch.object(
-        hub_utils, "hf_hub_download", hf_hub_download
+    with (
+        mock.patch.object(lora_base, "model_info", model_info),
+        mock.patch.object(hub_utils, "hf_hub_download", hf_hub_download),
     ):
         pipe.load_lora_weights("magi-test/lora", adapter_name="from_hub")
     assert torch.equal(_run(pipe), adapted_reference)

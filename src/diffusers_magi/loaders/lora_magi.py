@@ -8,12 +8,18 @@ with keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`, from a local 
 
 Which modules can take an adapter: every linear of the transformer except the float8 linears of fp8 checkpoints
 (see `diffusers_magi.loaders.peft_magi`).
+
+Offloading: a LoRA loads into a pipeline with model, sequential or group offloading already on. Model and group
+offloading are re-armed by Diffusers; accelerate's per-layer hooks (sequential offloading) are taken off here and put
+back on the same components with the same execution device, so the new LoRA layers are offloaded like the others.
 """
 
 import os
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import AlignDevicesHook, remove_hook_from_module
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
 from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA, TRANSFORMER_NAME
 from diffusers.utils import logging
@@ -21,6 +27,36 @@ from diffusers.utils.peft_utils import require_peft_backend
 from huggingface_hub.utils import validate_hf_hub_args
 
 logger = logging.get_logger(__name__)
+
+
+def _sequential_offload_settings(component: torch.nn.Module) -> Optional[Tuple[torch.device, bool]]:
+    """`(execution_device, offload_buffers)` of the per-layer offload hooks accelerate's `cpu_offload` put on
+    `component` (what `enable_sequential_cpu_offload` installs), or `None` when it has none."""
+    for module in component.modules():
+        attached = getattr(module, "_hf_hook", None)
+        for hook in getattr(attached, "hooks", [attached]):
+            if isinstance(hook, AlignDevicesHook) and hook.offload:
+                return hook.execution_device, hook.offload_buffers
+    return None
+
+
+def _remove_sequential_offload(pipeline) -> Dict[str, Tuple[torch.device, bool]]:
+    """Take accelerate's per-layer offload hooks off every component of `pipeline` that has them (their weights come
+    back from the offloaded copy); returns, per component name, the settings to put them back with.
+
+    Diffusers' `load_lora_adapter` would remove them too, but re-arms them with `pipeline.enable_sequential_cpu_offload()`:
+    on every component, on the device of the pipeline's last `enable_sequential_cpu_offload` call, not on the device
+    of the hooks it removed (which fails for hooks put on with `accelerate.cpu_offload` directly)."""
+    if pipeline.hf_device_map is not None:
+        return {}
+    removed = {}
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module):
+            settings = _sequential_offload_settings(component)
+            if settings is not None:
+                remove_hook_from_module(component, recurse=True)
+                removed[name] = settings
+    return removed
 
 
 class MagiLoraLoaderMixin(LoraBaseMixin):
@@ -104,15 +140,20 @@ class MagiLoraLoaderMixin(LoraBaseMixin):
             pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
         kwargs["return_lora_metadata"] = True
         state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
-        self.load_lora_into_transformer(
-            state_dict,
-            transformer=self.transformer,
-            adapter_name=adapter_name,
-            metadata=metadata,
-            _pipeline=self,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            hotswap=hotswap,
-        )
+        sequentially_offloaded = _remove_sequential_offload(self)
+        try:
+            self.load_lora_into_transformer(
+                state_dict,
+                transformer=self.transformer,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                hotswap=hotswap,
+            )
+        finally:
+            for name, (execution_device, offload_buffers) in sequentially_offloaded.items():
+                cpu_offload(getattr(self, name), execution_device, offload_buffers=offload_buffers)
 
     @classmethod
     def load_lora_into_transformer(
