@@ -183,7 +183,91 @@ def test_check_generation_fits():
     checks.check_generation_fits(estimate, "cpu", allow_oversized=True)
     checks.check_generation_fits(10, "cpu")  # ten bytes fit
     with pytest.raises(
-        ValueError, match=r"free memory on cuda:0 is 1.0 GiB.*enable_model_cpu_offload.*kv_cache_device"
+        ValueError, match=r"free memory on cuda:0 is 1.0 GiB.*kv_cache_device.*enable_model_cpu_offload"
     ):
         checks.check_generation_fits(2 * checks.GiB, "cuda:0", limit_bytes=checks.GiB)
     assert 0 < checks.available_memory("cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_refusal_names_every_knob(device):
+    """Size, frames and batch everywhere; on an accelerator also the KV cache's device and the offloading that would
+    move less than the current one (none, or only what is not on yet)."""
+
+    def message(**kwargs):
+        with pytest.raises(ValueError) as error:
+            checks.check_generation_fits(2 * checks.GiB, device, limit_bytes=checks.GiB, **kwargs)
+        return str(error.value)
+
+    for offloading in checks.OFFLOADING_MODES:
+        text = message(offloading=offloading)
+        assert f"(offloading: {offloading})" in text
+        for knob in ("height/width", "num_frames", "num_videos_per_prompt", "allow_oversized=True"):
+            assert knob in text, (knob, text)
+        on_accelerator = device != "cpu"
+        assert ("kv_cache_device='cpu'" in text) == on_accelerator
+        assert ("enable_model_cpu_offload()" in text) == (on_accelerator and offloading == "none")
+        assert ("enable_group_offload" in text) == (on_accelerator and offloading in ("none", "model"))
+    assert "kv_cache_device" not in message(kv_cache_on_device=False)
+    with pytest.raises(ValueError, match="`offloading` must be one of"):
+        checks.check_generation_fits(1, device, offloading="cpu")
+
+
+def _bytes(module):
+    return sum(
+        t.numel() * t.element_size() for t in {id(t): t for t in module.state_dict(keep_vars=True).values()}.values()
+    )
+
+
+def test_weights_moved_in_follow_the_offloading():
+    """No offloading moves nothing in (the weights are already allocated); model offloading moves whole models, the
+    VAE (last of the offload sequence, never moved out by a successor) plus the larger of text encoder and
+    transformer; group offloading one block plus the top-level weights. Weights already on the device are not
+    counted: on the CPU nothing is moved in."""
+    from diffusers_magi.tiny_random import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline()
+    transformer, vae, text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
+    assert checks.offloading_mode(pipe.components) == "none"
+    assert checks.weights_moved_in(pipe.components, "cuda") == 0
+
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert checks.offloading_mode(pipe.components) == "model"
+    expected = _bytes(vae) + max(_bytes(text_encoder), _bytes(transformer))
+    assert checks.weights_moved_in(pipe.components, "cuda") == expected
+    assert checks.weights_moved_in(pipe.components, "cpu") == 0
+    pipe.remove_all_hooks()
+
+    pipe = tiny_random_pipeline()
+    transformer = pipe.transformer
+    transformer.enable_group_offload(
+        onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    assert checks.offloading_mode(pipe.components) == "group"
+    # groups moved in one at a time: each block, and each module the model names as a block of its own
+    blocks = [getattr(transformer, name) for name in transformer._group_offload_block_modules]
+    for child in transformer.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            blocks.extend(child)
+    top_level = _bytes(transformer) - sum(_bytes(block) for block in blocks)
+    assert checks.weights_moved_in(pipe.components, "cuda") == top_level + max(_bytes(block) for block in blocks)
+    assert checks.weights_moved_in(pipe.components, "cpu") == 0
+
+
+def test_weights_moved_in_with_sequential_offloading():
+    """accelerate's sequential offloading (weights on the meta device, moved in per module): the heaviest chain of a
+    module's own weights and those of the modules it runs inside."""
+    from accelerate import cpu_offload
+
+    model = tiny_transformer()
+    own = {
+        name: sum(t.numel() * t.element_size() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+        for name, m in model.named_modules()
+    }
+    chains = {
+        name: sum(size for other, size in own.items() if other == "" or name == other or name.startswith(other + "."))
+        for name in own
+    }
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert checks.offloading_mode({"transformer": model}) == "sequential"
+    assert checks.weights_moved_in({"transformer": model}, "cuda") == max(chains.values()) > 0

@@ -39,7 +39,17 @@ def _nan(shape):
         (dict(generator=[torch.Generator(), torch.Generator()]), ValueError, "generators"),
         (dict(cfg_t_range=[0.0, math.nan, 0.1, 0.3, 0.999]), ValueError, "cfg_t_range"),
     ],
-    ids=["height_str", "height_float", "steps_float", "frames_bool", "numpy_latents", "nan_latents", "no_videos", "generators", "nan_cfg"],
+    ids=[
+        "height_str",
+        "height_float",
+        "steps_float",
+        "frames_bool",
+        "numpy_latents",
+        "nan_latents",
+        "no_videos",
+        "generators",
+        "nan_cfg",
+    ],
 )
 def test_bad_arguments_are_refused_before_work(pipe, overrides, error, message):
     with pytest.raises(error, match=message):
@@ -94,3 +104,67 @@ def test_a_request_that_cannot_fit_is_refused_at_once(pipe):
     assert "allow_oversized" in str(refused.value) and "height" in str(refused.value)
     # A request that fits runs; allow_oversized skips the check (here it would still fit).
     assert pipe(allow_oversized=True, **KWARGS).frames.shape == (1, 16, 6, 4, 4)
+
+
+class _Estimated(Exception):
+    pass
+
+
+def _estimate_of_a_call(pipe, monkeypatch):
+    """What `check_generation_fits` receives for `pipe(**KWARGS)` on a (faked) CUDA device; stops the call there."""
+    from diffusers_magi.pipelines import input_checks_magi as checks
+
+    seen = {}
+
+    def record(estimate, device, **kwargs):
+        seen.update(estimate=estimate, device=device, **kwargs)
+        raise _Estimated
+
+    monkeypatch.setattr(checks, "check_generation_fits", record)
+    with pytest.raises(_Estimated):
+        pipe(**KWARGS)
+    return seen
+
+
+def _bytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_the_memory_check_counts_the_weights_offloading_moves_in(monkeypatch):
+    """On CUDA the free memory already excludes resident weights: without offloading none are added; with model
+    offloading the VAE and the larger of transformer and text encoder are (they are moved in during the call)."""
+    from diffusers_magi import MagiPipeline
+
+    monkeypatch.setattr(MagiPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
+    pipe = tiny_pipeline()
+    plain = _estimate_of_a_call(pipe, monkeypatch)
+    assert plain["offloading"] == "none" and plain["estimate"].weights == 0
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks of model offloading; the device is faked above
+    offloaded = _estimate_of_a_call(pipe, monkeypatch)
+    expected = _bytes(pipe.vae) + max(_bytes(pipe.transformer), _bytes(pipe.text_encoder))
+    assert offloaded["offloading"] == "model" and offloaded["estimate"].weights == expected > 0
+    assert offloaded["estimate"].total == plain["estimate"].total + expected
+    assert offloaded["device"] == torch.device("cuda") and offloaded["kv_cache_on_device"]
+
+
+def test_the_refusal_names_frames_and_the_offloading_to_change(monkeypatch):
+    from diffusers_magi import MagiPipeline
+    from diffusers_magi.pipelines import input_checks_magi as checks
+
+    monkeypatch.setattr(MagiPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(checks, "available_memory", lambda device: checks.GiB)
+    pipe = tiny_pipeline()
+    request = {**KWARGS, "height": 4096, "width": 4096}
+    with pytest.raises(ValueError) as refused:
+        pipe(**request)
+    message = str(refused.value)
+    assert "free memory on cuda is 1.0 GiB (offloading: none)" in message
+    for knob in ("height/width", "num_frames", "num_videos_per_prompt", "kv_cache_device='cpu'"):
+        assert knob in message, (knob, message)
+    assert "pipe.enable_model_cpu_offload()" in message
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError) as refused:
+        pipe(**request)
+    message = str(refused.value)
+    assert "(offloading: model)" in message and "weights moved in" in message
+    assert "enable_group_offload(...) or enable_sequential_cpu_offload() instead of model offloading" in message

@@ -3,8 +3,9 @@
 Plain functions, called from the pipelines' `check_inputs`: each raises a `TypeError` (wrong type) or a `ValueError`
 (wrong value) naming the argument and what to pass instead, so that a bad request fails in microseconds instead of
 after loading, allocating or denoising. `estimate_generation_memory` adds up what a generation allocates on its
-execution device (latents, one transformer call's activations, the KV cache, one chunk's decode, resident weights)
-with the arithmetic of `benchmarks/memory_plan.py`, and `check_generation_fits` refuses a request that cannot fit.
+execution device (latents, one transformer call's activations, the KV cache, one chunk's decode, and the weights
+that offloading moves in, `weights_moved_in`) with the arithmetic of `benchmarks/memory_plan.py`, and
+`check_generation_fits` refuses a request that cannot fit.
 """
 
 import math
@@ -231,7 +232,7 @@ class GenerationMemoryEstimate:
             "attention scores": self.attention_scores,
             "KV cache": self.kv_cache,
             "decode": self.decode,
-            "weights": self.weights,
+            "weights moved in": self.weights,
         }
         return ", ".join(f"{name} {value / GiB:.2f} GiB" for name, value in parts.items() if value)
 
@@ -268,8 +269,8 @@ def estimate_generation_memory(
         fused_attention (`bool`): whether attention runs a fused kernel (GPUs); otherwise (CPU math path) each chunk's
             `queries x keys` scores per head are materialised in float32.
         kv_cache_on_device (`bool`): `False` when the cache lives elsewhere (`kv_cache_device="cpu"`).
-        weights_bytes (`int`): weights that will still be moved onto the device during the call (0 when they are
-            already there, or with offloading: the largest component or group it moves in).
+        weights_bytes (`int`): weights the call moves onto the device and holds there at once, beyond what is
+            already allocated (`weights_moved_in`: 0 without offloading, where they are already there).
 
     The figures follow `benchmarks/memory_plan.py` (latents in float32; activations of one block with the FFN
     intermediate and the attention projections alive; the KV cache as kept by the plan; one chunk decoded, tiled).
@@ -334,26 +335,169 @@ def available_memory(device: Union[str, torch.device]) -> int:
     raise RuntimeError("Cannot tell the available memory of this machine (no psutil, no /proc/meminfo).")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Offloading: which weights a call moves onto the execution device
+# ----------------------------------------------------------------------------------------------------------------
+OFFLOADING_MODES = ("none", "model", "sequential", "group")
+
+
+def _accelerate_hooks(module: torch.nn.Module) -> list:
+    """accelerate's hooks on `module` itself (a `SequentialHook` unpacked)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))
+
+
+def _group_offloading_hooks(component: torch.nn.Module) -> list:
+    """Diffusers' group offloading hooks of `component`'s modules (`enable_group_offload`), one per module."""
+    hooks = []
+    for module in component.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
+
+
+def _component_offloading(component: torch.nn.Module) -> str:
+    try:
+        from accelerate.hooks import AlignDevicesHook, CpuOffload
+    except ImportError:  # no accelerate, no accelerate hooks
+        AlignDevicesHook = CpuOffload = ()
+    if _group_offloading_hooks(component):
+        return "group"
+    if any(isinstance(hook, CpuOffload) for hook in _accelerate_hooks(component)):
+        return "model"
+    for module in component.modules():
+        if any(isinstance(hook, AlignDevicesHook) and hook.offload for hook in _accelerate_hooks(module)):
+            return "sequential"
+    return "none"
+
+
+def offloading_mode(components: Mapping[str, Any]) -> str:
+    """The offloading the pipeline's `components` carry, read off their hooks: `"group"` (Diffusers' group offloading
+    hooks, `enable_group_offload`), `"model"` (accelerate's `CpuOffload`, `enable_model_cpu_offload`), `"sequential"`
+    (accelerate's `AlignDevicesHook` with offloaded weights, `enable_sequential_cpu_offload`), else `"none"` (a
+    `device_map` placement moves nothing during a call)."""
+    modes = {_component_offloading(module) for module in components.values() if isinstance(module, torch.nn.Module)}
+    return next((mode for mode in OFFLOADING_MODES[1:] if mode in modes), "none")
+
+
+def _on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index in (None, device.index))
+
+
+def _bytes_off_device(tensors, device: torch.device) -> int:
+    """Bytes of the distinct `tensors` that are not on `device` yet (a meta tensor counts its full size)."""
+    unique = {id(tensor): tensor for tensor in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values() if not _on_device(t, device))
+
+
+def _model_offload_bytes(components: Sequence[torch.nn.Module], device: torch.device) -> int:
+    """accelerate's model offloading moves a model in when it runs and moves out only its predecessor in the chain
+    (`model_cpu_offload_seq`). So the last model of the chain (the VAE) stays on the device from its first call to
+    the end of the generation, while the models before it take turns: the transformer and the VAE are both there
+    while chunks are denoised and decoded in turn. Moved in at once: the chain's last model(s) plus the largest of
+    the others (only what is not on the device already)."""
+    from accelerate.hooks import CpuOffload
+
+    hooks = {id(component): hook for component in components for hook in _accelerate_hooks(component)}
+    hooks = {key: hook for key, hook in hooks.items() if isinstance(hook, CpuOffload)}
+    predecessors = {id(getattr(hook.prev_module_hook, "model", None)) for hook in hooks.values()}
+    sizes = {id(c): _bytes_off_device([*c.parameters(), *c.buffers()], device) for c in components if id(c) in hooks}
+    last = sum(size for key, size in sizes.items() if key not in predecessors)
+    return last + max((size for key, size in sizes.items() if key in predecessors), default=0)
+
+
+def _sequential_offload_bytes(component: torch.nn.Module, device: torch.device) -> int:
+    """accelerate's sequential offloading keeps every module's own weights on the meta device and moves them in for
+    that module's forward, so what is on the device at once is one module's weights and those of the modules it runs
+    inside: the heaviest chain from the component down to a leaf."""
+
+    def chain(module: torch.nn.Module) -> int:
+        own = _bytes_off_device([*module.parameters(recurse=False), *module.buffers(recurse=False)], device)
+        return own + max((chain(child) for child in module.children()), default=0)
+
+    return chain(component)
+
+
+def _group_offload_bytes(component: torch.nn.Module, device: torch.device) -> int:
+    """Diffusers' group offloading moves one group (`num_blocks_per_group` blocks, or one leaf) in at a time, the next
+    one as well while the current one runs when it prefetches with CUDA streams (`use_stream=True`); the group of the
+    component's own top-level weights (embedders, norms, projections) stays in for the component's whole forward."""
+    groups = {id(hook.group): hook for hook in _group_offloading_hooks(component)}
+    resident, largest, prefetch = 0, 0, 1
+    for hook in groups.values():
+        group = hook.group
+        tensors = [tensor for module in group.modules for tensor in (*module.parameters(), *module.buffers())]
+        size = _bytes_off_device([*tensors, *group.parameters, *group.buffers], device)
+        if group.offload_leader is component:
+            resident += size
+        else:
+            largest = max(largest, size)
+            prefetch = 2 if group.stream is not None else prefetch
+    return resident + prefetch * largest
+
+
+def weights_moved_in(components: Mapping[str, Any], device: Union[str, torch.device]) -> int:
+    """Bytes of weights a call moves onto `device` and holds there at once, on top of what is already allocated.
+
+    Why only these: `available_memory` measures what is still free, so weights already on `device` are outside it
+    (CUDA's free memory excludes them; the CPU's available RAM excludes weights loaded into RAM) and must not be
+    counted a second time. What offloading moves in during the call is not outside it yet:
+
+    * no offloading: nothing (the weights stay where they are; on the execution device they are already allocated);
+    * model offloading (`enable_model_cpu_offload`): whole models, the last of the offload sequence (the VAE) plus the
+      largest of the others at once (see `_model_offload_bytes`);
+    * sequential offloading (`enable_sequential_cpu_offload`): about one module's weights (the heaviest chain of
+      nested modules);
+    * group offloading (`enable_group_offload`): one group (two when prefetching with streams) plus the component's
+      top-level weights.
+
+    Components are not offloaded at the same time (they run one after the other), so the largest figure over them
+    counts. Tensors already on `device` are left out in every mode, so offloading onto the CPU (whose weights already
+    are in RAM) adds nothing.
+    """
+    device = torch.device(device)
+    modules = [module for module in components.values() if isinstance(module, torch.nn.Module)]
+    modes = {id(module): _component_offloading(module) for module in modules}
+    model_offloaded = [module for module in modules if modes[id(module)] == "model"]
+    sizes = [_model_offload_bytes(model_offloaded, device)] if model_offloaded else []
+    for module in modules:
+        if modes[id(module)] == "sequential":
+            sizes.append(_sequential_offload_bytes(module, device))
+        elif modes[id(module)] == "group":
+            sizes.append(_group_offload_bytes(module, device))
+    return max(sizes, default=0)
+
+
 def check_generation_fits(
     estimate: Union[GenerationMemoryEstimate, int],
     device: Union[str, torch.device],
     offloading: str = "none",
+    kv_cache_on_device: bool = True,
     allow_oversized: bool = False,
     limit_bytes: Optional[int] = None,
 ) -> None:
     """Refuse, before allocating, a request whose estimate exceeds what `device` has left.
 
     Args:
-        estimate: `estimate_generation_memory(...)` or a byte count.
+        estimate: `estimate_generation_memory(...)` or a byte count; its `weights` are those the call moves in
+            (`weights_moved_in`).
         device: the execution device.
-        offloading (`str`): the pipeline's offloading (`"none"`, `"model"`, `"sequential"`, `"group"`), named in the
-            advice (the caller counts only the weights it moves in, see `weights_bytes`).
+        offloading (`str`): the pipeline's offloading (`offloading_mode`: `"none"`, `"model"`, `"sequential"`,
+            `"group"`); the advice names the offloading that would move less.
+        kv_cache_on_device (`bool`): whether the KV cache lives on `device` (else `kv_cache_device='cpu'` is not
+            advised again).
         allow_oversized (`bool`): skip the check (for experts who know better, e.g. with swap or unified memory).
         limit_bytes (`int`, *optional*): the limit to use instead of `available_memory(device)`.
 
     Raises:
-        ValueError: giving the estimate (and its parts), the limit and what to change.
+        ValueError: giving the estimate (and its parts), the limit and every setting that lowers the estimate.
     """
+    if offloading not in OFFLOADING_MODES:
+        raise ValueError(f"`offloading` must be one of {OFFLOADING_MODES}, got {offloading!r}.")
     if allow_oversized:
         return
     total = estimate.total if isinstance(estimate, GenerationMemoryEstimate) else int(estimate)
@@ -363,12 +507,28 @@ def check_generation_fits(
     device = torch.device(device)
     where = "available RAM" if device.type == "cpu" else f"free memory on {device}"
     parts = f" ({estimate.describe()})" if isinstance(estimate, GenerationMemoryEstimate) else ""
-    advice = ["a smaller height/width (memory grows with the pixels per chunk)", "fewer num_videos_per_prompt"]
-    if device.type != "cpu":
+    advice = [
+        "a smaller height/width (memory grows with the pixels per chunk)",
+        "a smaller num_frames (the latents of every chunk are kept to the end)",
+        "fewer prompts or num_videos_per_prompt (the batch)",
+    ]
+    if device.type != "cpu":  # on the CPU, offloaded weights stay in the same RAM
+        if kv_cache_on_device:
+            advice.append("kv_cache_device='cpu'")
         if offloading == "none":
-            advice.append("offloading (pipe.enable_model_cpu_offload() or enable_group_offload(...))")
-        advice.append("kv_cache_device='cpu'")
+            advice.append(
+                "offloading: pipe.enable_model_cpu_offload() (whole models in turn), or enable_group_offload(...) / "
+                "enable_sequential_cpu_offload() (about one block at a time)"
+            )
+        elif offloading == "model":
+            advice.append(
+                "enable_group_offload(...) or enable_sequential_cpu_offload() instead of model offloading (which "
+                "holds whole models on the device)"
+            )
+        elif offloading == "group":
+            advice.append("group offloading with num_blocks_per_group=1, without use_stream")
     raise ValueError(
         f"This request needs about {total / GiB:.1f} GiB on {device}{parts}, but the {where} is "
-        f"{limit / GiB:.1f} GiB. Use {', '.join(advice)}; or pass allow_oversized=True to run it anyway."
+        f"{limit / GiB:.1f} GiB (offloading: {offloading}). Use {'; '.join(advice)}; or pass allow_oversized=True to "
+        "run it anyway."
     )

@@ -758,7 +758,10 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
 
     def _check_memory(self, arguments: Dict[str, Any], guidance: MagiGuidance, kv_cache_device, batch_size: int) -> None:
         """Refuse, before anything is allocated, a request whose memory estimate exceeds what the execution device
-        has left (`allow_oversized=True` skips this)."""
+        has left (`allow_oversized=True` skips this). The estimate counts the weights the pipeline's offloading will
+        move in during the call (`input_checks_magi.weights_moved_in`), not those already on the device."""
+        device = self._execution_device
+        offloading = checks.offloading_mode(self.components)
         scheduler = self.scheduler.config
         window = scheduler.window_size
         num_frames = arguments["num_frames"]
@@ -775,10 +778,17 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
             num_chunks=num_chunks,
             chunk_width=self.chunk_width,
             guidance_branches=3 if guidance.mode == "three_branch" else 1,
-            fused_attention=self._execution_device.type != "cpu",
+            fused_attention=device.type != "cpu",
             kv_cache_on_device=kv_cache_device is None,
+            weights_bytes=checks.weights_moved_in(self.components, device),
         )
-        checks.check_generation_fits(estimate, self._execution_device, allow_oversized=arguments["allow_oversized"])
+        checks.check_generation_fits(
+            estimate,
+            device,
+            offloading=offloading,
+            kv_cache_on_device=kv_cache_device is None,
+            allow_oversized=arguments["allow_oversized"],
+        )
 
     def _encode_conditioning(
         self, arguments: Dict[str, Any], checked: Dict[str, Any], prefix_latents: Optional[torch.Tensor]
