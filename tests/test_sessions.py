@@ -2,21 +2,28 @@
 re-caching), save / resume (in a fresh process too) / fork, independence of interleaved and concurrent generations,
 interrupts, progress, and bad input. Tiny random components; outputs compared with direct pipeline calls."""
 
+import json
+import re
 import subprocess
 import sys
 import textwrap
 import threading
 from pathlib import Path
 
+import accelerate
+import imageio
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from diffusers_magi import MagiImageToVideoPipeline, MagiKVCache
+from diffusers_magi import MagiImageToVideoPipeline, MagiKVCache, MagiVideoToVideoPipeline
 from diffusers_magi.pipelines.session_magi import MagiSessionInterrupted
+from diffusers_magi.pipelines.session_state_magi import METADATA_KEY, weights_fingerprint
 from diffusers_magi.pipelines.text_conditioning_magi import chunk_caption_rows
 
-from .tiny_models import tiny_pipeline
+from .tiny_models import tiny_pipeline, tiny_transformer_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = dict(height=32, width=32, num_inference_steps=8, output_type="latent")
@@ -211,6 +218,52 @@ def test_resume_refuses_a_state_of_another_model(pipe, tmp_path):
         other.resume_session(path)
 
 
+def test_resume_checks_the_transformer_weights_and_the_pipeline_class(pipe, tmp_path):
+    session = pipe.start_session(prompt="a cat", generator=_generator(), **LATENT)
+    session.next_chunk()
+    path = session.save(tmp_path / "state.safetensors")
+    expected = session.next_chunk().frames
+    same = tiny_pipeline()  # same config and weights, another object: accepted
+    assert torch.equal(same.resume_session(path).next_chunk().frames, expected)
+    with torch.no_grad():
+        same.transformer.time_embedder.linear_1.weight += 1  # same config and learned caption tokens
+    with pytest.raises(ValueError, match=r"the transformer's weights differ \(fingerprint saved [0-9a-f]{16}, here "
+                       r"[0-9a-f]{16}: time_embedder\.linear_1\.weight: values differ\)"):
+        same.resume_session(path)
+    with pytest.raises(ValueError, match=r"saved by a MagiPipeline, not a MagiImageToVideoPipeline"):
+        MagiImageToVideoPipeline.from_pipe(pipe).resume_session(path)
+    # A state saved before the fingerprint existed (no "transformer_weights") still resumes.
+    with safe_open(path, framework="pt") as state:
+        description = json.loads(state.metadata()[METADATA_KEY])
+        tensors = {name: state.get_tensor(name) for name in state.keys()}
+    del description["model"]["transformer_weights"]
+    save_file(tensors, tmp_path / "older.safetensors", metadata={METADATA_KEY: json.dumps(description)})
+    assert torch.equal(pipe.resume_session(tmp_path / "older.safetensors").next_chunk().frames, expected)
+
+
+def test_weights_fingerprint_reads_offloaded_and_float8_weights(tmp_path):
+    """The fingerprint is that of the weights wherever offloading keeps them: on the meta device with accelerate's
+    hooks (sequential offloading), in group-offloading files (the parameters then hold empty placeholders)."""
+    reference = weights_fingerprint(tiny_pipeline().transformer)
+    assert len(reference["tensors"]) == len(list(tiny_pipeline().transformer.parameters()))
+    sequential = tiny_pipeline().transformer
+    accelerate.cpu_offload(sequential, torch.device("cpu"))
+    assert sequential.time_embedder.linear_1.weight.device.type == "meta"
+    assert weights_fingerprint(sequential) == reference
+    on_disk = tiny_pipeline().transformer
+    on_disk.enable_group_offload(
+        onload_device="cpu", offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=tmp_path
+    )
+    with torch.no_grad():
+        on_disk(*tiny_transformer_inputs())  # every group offloaded to its file once
+    assert weights_fingerprint(on_disk) == reference
+    float8 = tiny_pipeline().transformer
+    float8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    fingerprint = weights_fingerprint(float8)
+    assert fingerprint["tensors"]["blocks.0.attn.to_q.weight"][0] == "float8_e4m3fn"
+    assert fingerprint != reference and weights_fingerprint(float8) == fingerprint
+
+
 def test_bad_session_files_and_paths_give_clear_errors(pipe, tmp_path):
     session = pipe.start_session(prompt="a cat", generator=_generator(), **LATENT)
     with pytest.raises(ValueError, match="does not exist"):
@@ -366,16 +419,27 @@ def test_progress_bar_per_chunk_and_progress(pipe, monkeypatch, capsys):
         return original(self, iterable=iterable, total=total)
 
     monkeypatch.setattr(type(pipe), "progress_bar", recording)
-    session = pipe.start_session(prompt="a cat", num_frames=72, **LATENT)
-    assert session.progress.seconds_per_chunk is None
-    list(session.chunks())
+    capsys.readouterr()
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        session = pipe.start_session(prompt="a cat", num_frames=72, **LATENT)
+        assert session.progress.seconds_per_chunk is None
+        list(session.chunks())
+    finally:
+        pipe.set_progress_bar_config(disable=True)
     plan = pipe.scheduler.make_plan(8, num_chunks=3)
     finishing = [call.index for call in plan if call.finished_chunk is not None]
     assert totals == [finishing[0] + 1] + [b - a for a, b in zip(finishing, finishing[1:])]
     progress = session.progress
     assert (progress.chunks_done, progress.chunks_in_flight, progress.calls_done) == (3, 0, len(plan))
     assert progress.seconds_per_chunk > 0 and progress.finished
-    assert "it/s" not in capsys.readouterr().err  # the bar is off (set_progress_bar_config(disable=True))
+    # One tqdm bar per chunk on stderr, each run to its total (the transformer calls until that chunk is final).
+    bars = [line for line in capsys.readouterr().err.split("\n") if "it/s" in line or "s/it" in line]
+    assert [re.findall(r"(\d+)/(\d+) \[", bar)[-1] for bar in bars] == [(str(n), str(n)) for n in totals]
+    # Disabled through set_progress_bar_config: nothing printed.
+    list(pipe.start_session(prompt="a cat", num_frames=72, **LATENT).chunks())
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "s/it" not in err and "%|" not in err
 
 
 def test_image_to_video_sessions():
@@ -385,6 +449,23 @@ def test_image_to_video_sessions():
     expected = pipe(generator=_generator(), **kwargs).frames
     session = pipe.start_session(generator=_generator(), **kwargs)
     assert torch.equal(_concat(list(session.chunks())), expected)
+
+
+def test_video_to_video_sessions(tmp_path):
+    """A video-to-video session (prefix video inside chunk 0, or prefix latents longer than one chunk) gives the
+    video of the pipeline's call, its first chunk shortened by the prefix frames it shares."""
+    pipe = MagiVideoToVideoPipeline.from_pipe(tiny_pipeline())
+    path = str(tmp_path / "prefix.mp4")
+    rng = np.random.default_rng(0)
+    imageio.mimwrite(path, [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(16)], fps=24)
+    prefixes = [dict(video=path, num_prefix_frames=8), dict(prefix_latents=torch.randn(1, 16, 8, 4, 4))]
+    for prefix in prefixes:
+        kwargs = dict(prompt="a boat", num_frames=48, **prefix, **LATENT)
+        expected = pipe(generator=_generator(), **kwargs).frames
+        session = pipe.start_session(generator=_generator(), **kwargs)
+        chunks = list(session.chunks())
+        assert chunks[0].frames.shape[2] < 6  # the prefix frames of chunk 0 are not output again
+        assert torch.equal(_concat(chunks), expected), prefix.keys()
 
 
 def test_decode_overlap_gives_the_sequential_video_in_order(pipe, tmp_path, monkeypatch):

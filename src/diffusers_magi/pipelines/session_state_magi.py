@@ -3,16 +3,19 @@ header metadata (no pickle; readable with `safetensors.safe_open(path, "pt").met
 
 Saved: the settings, the plan position, the chunks in flight, the KV cache and the clean latents of its chunks, the
 captions and prompt switches, the unconditional caption, the prefix latents, the initial noise when it was given,
-the random generators' states, and a fingerprint of the model (transformer and scheduler configs, a hash of the
-learned caption tokens) that a resuming pipeline must match.
+the random generators' states, the pipeline class, and a fingerprint of the model (transformer and scheduler
+configs, a hash of the learned caption tokens, and `weights_fingerprint` of the transformer) that a resuming pipeline
+must match.
 """
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import asdict
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -20,6 +23,10 @@ from safetensors.torch import save_file
 from .session_magi import SESSION_FORMAT, SESSION_FORMAT_VERSION, MagiSession, MagiSessionSettings, _model_fingerprint
 
 METADATA_KEY = "magi_session"
+# `weights_fingerprint` reads at most FINGERPRINT_RUNS runs of FINGERPRINT_RUN_LENGTH consecutive values per tensor.
+FINGERPRINT_RUNS = 64
+FINGERPRINT_RUN_LENGTH = 32
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def save_session_state(session: MagiSession, path: Union[str, os.PathLike]) -> str:
@@ -62,7 +69,10 @@ def save_session_state(session: MagiSession, path: Union[str, os.PathLike]) -> s
         "switch_chunks": [first_chunk for first_chunk, _ in session._caption_switches],
         "generator_devices": [str(g.device) for g in session._generators],
         "callback_on_step_end_tensor_inputs": session.callback_on_step_end_tensor_inputs,
-        "model": session._model_fingerprint,
+        "model": {
+            **session._model_fingerprint,
+            "transformer_weights": weights_fingerprint(session.pipeline.transformer),
+        },
     }
     folder = os.path.dirname(path) or "."
     handle, temporary = tempfile.mkstemp(prefix=".magi-session-", suffix=".partial", dir=folder)
@@ -104,6 +114,12 @@ def load_session_state(
         raise ValueError(
             f"path {path!r} holds a session state of format version {description['version']}; this diffusers-magi "
             f"reads version {SESSION_FORMAT_VERSION}."
+        )
+    if description["pipeline_class"] != type(pipeline).__name__:
+        raise ValueError(
+            f"The session state {path!r} was saved by a {description['pipeline_class']}, not a "
+            f"{type(pipeline).__name__}; resume it with that class ({description['pipeline_class']}.from_pipe(pipe)"
+            ".resume_session(path))."
         )
     _check_model(pipeline, description["model"], path)
 
@@ -164,9 +180,13 @@ def _check_save_path(path) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"path {path!r}: the directory {folder!r} does not exist; create it first or choose another path.")
+        raise ValueError(
+            f"path {path!r}: the directory {folder!r} does not exist; create it first or choose another path."
+        )
     if os.path.isdir(path):
-        raise ValueError(f"path {path!r} is a directory; pass a file path such as {os.path.join(path, 'session.safetensors')!r}.")
+        raise ValueError(
+            f"path {path!r} is a directory; pass a file path such as {os.path.join(path, 'session.safetensors')!r}."
+        )
     if os.path.exists(path) and not _is_session_file(path):
         raise ValueError(
             f"path {path!r} exists and is not a saved session state; refusing to overwrite it. Choose another path."
@@ -188,13 +208,149 @@ def _check_model(pipeline, saved: Dict[str, Any], path: str) -> None:
         keys = sorted(set(saved[part]) | set(current[part]))
         differing = [key for key in keys if saved[part].get(key) != current[part].get(key)]
         if differing:
-            details = ", ".join(f"{key}: saved {saved[part].get(key)!r}, here {current[part].get(key)!r}" for key in differing[:5])
+            details = ", ".join(
+                f"{key}: saved {saved[part].get(key)!r}, here {current[part].get(key)!r}" for key in differing[:5]
+            )
             raise ValueError(
                 f"The session state {path!r} was saved by a pipeline with a different {part.replace('_', ' ')} "
                 f"({details}); resume it with the model that saved it."
             )
+    if "transformer_weights" in saved:  # states saved before the weights fingerprint existed have none
+        _check_weights(saved["transformer_weights"], weights_fingerprint(pipeline.transformer), path)
     if saved["learned_tokens_sha256"] != current["learned_tokens_sha256"]:
         raise ValueError(
             f"The session state {path!r} was saved by a transformer with different weights (its learned caption tokens "
             "differ); resume it with the model that saved it."
         )
+
+
+def _check_weights(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> None:
+    if saved["sha256"] == current["sha256"]:
+        return
+    saved_tensors, current_tensors = saved["tensors"], current["tensors"]
+    differences = [f"{name} missing here" for name in saved_tensors if name not in current_tensors]
+    differences += [f"{name} not in the saved model" for name in current_tensors if name not in saved_tensors]
+    for name in saved_tensors.keys() & current_tensors.keys():
+        (saved_dtype, saved_shape, saved_digest), (dtype, shape, digest) = saved_tensors[name], current_tensors[name]
+        if (saved_dtype, saved_shape) != (dtype, shape):
+            differences.append(f"{name}: saved {saved_dtype} {saved_shape}, here {dtype} {shape}")
+        elif saved_digest != digest:
+            differences.append(f"{name}: values differ")
+    more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+    raise ValueError(
+        f"The session state {path!r} was saved by a transformer with different weights: the transformer's weights "
+        f"differ (fingerprint saved {saved['sha256'][:16]}, here {current['sha256'][:16]}: "
+        f"{'; '.join(sorted(differences)[:5])}{more}); resume it with the weights that saved it."
+    )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
+    """A cheap fingerprint of a model's weights: for every parameter and persistent buffer, a SHA-256 of its name,
+    dtype, shape and a fixed sample of its values (`FINGERPRINT_RUNS` evenly spaced runs of
+    `FINGERPRINT_RUN_LENGTH` consecutive values of the flattened tensor, their bytes in the tensor's own dtype, so
+    float8 or quantised weights too); and one SHA-256 over all of them.
+
+    The values are read where they are kept: on the model's devices, in accelerate's offload maps for weights on
+    the meta device (sequential offloading), in Diffusers' group-offloading files for groups offloaded to disk;
+    tensor subclasses (torchao) through their inner tensors. A few thousand values per tensor, copied to the CPU:
+    well under a second for a 4.5B transformer on a GPU.
+
+    Returns:
+        `dict`: `{"sha256": ..., "tensors": {name: [dtype, shape, sha256 of that tensor (16 hex digits)]}}`.
+    """
+    disk_files = _disk_offloaded_tensors(model)
+    tensors = {}
+    for name, tensor, stored in _named_stored_weights(model, disk_files):
+        digest = hashlib.sha256(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(_sample_bytes(stored))
+        tensors[name] = [str(tensor.dtype).replace("torch.", ""), list(tensor.shape), digest.hexdigest()[:16]]
+    overall = hashlib.sha256(json.dumps(tensors, sort_keys=True).encode()).hexdigest()
+    return {"sha256": overall, "tensors": tensors}
+
+
+def _named_stored_weights(model: torch.nn.Module, disk_files) -> Iterator[Tuple[str, torch.Tensor, Any]]:
+    """`(name, tensor, stored values)` for every parameter and persistent buffer; the stored values are the tensor
+    itself, or what offloading keeps in its place: a CPU tensor, or `(file, key)` of a group-offloading file."""
+    for module_name, module in model.named_modules():
+        local = list(module._parameters.items()) + [
+            (name, buffer)
+            for name, buffer in module._buffers.items()
+            if name not in module._non_persistent_buffers_set
+        ]
+        for local_name, tensor in local:
+            if tensor is None:
+                continue
+            name = f"{module_name}.{local_name}" if module_name else local_name
+            if id(tensor) in disk_files:
+                yield name, tensor, disk_files[id(tensor)]
+            elif tensor.device.type == "meta":
+                yield name, tensor, _accelerate_offloaded(module, local_name, name)
+            elif hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass (torchao): its inner tensors
+                inner_names, _ = tensor.__tensor_flatten__()
+                for inner in inner_names:
+                    yield f"{name}:{inner}", getattr(tensor, inner), getattr(tensor, inner)
+            else:
+                yield name, tensor, tensor
+
+
+def _accelerate_offloaded(module: torch.nn.Module, local_name: str, name: str) -> torch.Tensor:
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", (hook,)):
+        weights_map = getattr(candidate, "weights_map", None)
+        if weights_map is not None and local_name in weights_map:
+            return weights_map[local_name]
+    raise ValueError(
+        f"The transformer's {name} is on the meta device and no offloading hook holds its values; load the weights "
+        "(or enable offloading through the pipeline) before saving or resuming a session."
+    )
+
+
+def _disk_offloaded_tensors(model: torch.nn.Module) -> Dict[int, Tuple[str, str]]:
+    """`id(tensor) -> (file, key)` for the tensors of Diffusers offloading groups that are offloaded to disk (their
+    parameters then hold empty placeholders; the values are in the group's safetensors file)."""
+    files = {}
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        group = getattr(hook, "group", None)
+        if group is not None and group.offload_to_disk_path is not None and group._is_offloaded_to_disk:
+            files.update(
+                {id(tensor): (group.safetensors_file_path, key) for tensor, key in group.tensor_to_key.items()}
+            )
+    return files
+
+
+def _sample_bytes(stored) -> bytes:
+    """The bytes of the fixed sample of a tensor's values (see `weights_fingerprint`)."""
+    if isinstance(stored, tuple):
+        values = _safetensors_bytes(*stored)  # (numel, itemsize) uint8, memory-mapped
+    else:
+        flat, size = stored.detach().reshape(-1), stored.element_size()
+        # Any dtype, by its bytes: an integer view of the same element size needs no kernel for the dtype.
+        values = (
+            flat.view(_SAME_SIZE_INTEGER[size])
+            if size in _SAME_SIZE_INTEGER
+            else flat.contiguous().view(torch.uint8).reshape(-1, size)
+        )
+    count = values.shape[0]
+    if count > FINGERPRINT_RUNS * FINGERPRINT_RUN_LENGTH:
+        spacing = count // FINGERPRINT_RUNS
+        values = values[: FINGERPRINT_RUNS * spacing].reshape(FINGERPRINT_RUNS, spacing, *values.shape[1:])
+        values = values[:, :FINGERPRINT_RUN_LENGTH]
+    if isinstance(values, torch.Tensor):
+        values = values.contiguous().cpu().numpy()
+    return np.ascontiguousarray(values).tobytes()
+
+
+def _safetensors_bytes(path: str, key: str) -> np.ndarray:
+    """One tensor of a safetensors file as a memory-mapped `(numel, itemsize)` uint8 array (only the pages sampled
+    are read)."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        entry = json.loads(file.read(header_size))[key]
+    start, end = entry["data_offsets"]
+    numel = int(np.prod(entry["shape"], dtype=np.int64))
+    if end == start:
+        return np.zeros((0, 1), np.uint8)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size + start, shape=(end - start,))
+    return data.reshape(numel, (end - start) // numel)
