@@ -3,7 +3,8 @@ driven once through `gradio_client` (the API a program sees) and once in a headl
 
 The client test checks what the app promises: the video arrives chunk by chunk, a prompt typed mid-run drives the
 chunks from the index the app reports, Stop stops it, and the download is a playable mp4 holding exactly the frames
-received, which equal a direct session with the same seed and that prompt switch (`chunk_prompts`).
+received, which equal a direct session with the same seed and that prompt switch (`chunk_prompts`); Continue after
+Stop goes on with the same video.
 """
 
 import os
@@ -184,6 +185,37 @@ def test_tabs_run_independent_sessions(app_url, pipe, tmp_path):
         expected = _direct_video(pipe, tmp_path / f"direct-{tab}", made, prompt=prompts[tab])
         np.testing.assert_array_equal(frames, expected)
     assert _chunks_made(stopped_a[3]) == made_a
+
+
+def test_continue_after_stop_goes_on_with_the_same_video(app_url, pipe, tmp_path):
+    """Stop, then Continue: generation goes on in the same tab where it stopped; the final mp4 holds every chunk,
+    the one at the stop being its beginning, and equals the uninterrupted direct session."""
+    from gradio_client import Client
+
+    prompt = "a sailing boat on a calm lake"
+    client = Client(app_url, verbose=False, download_files=str(tmp_path / "client"))
+
+    def run_until(job, chunks):
+        deadline = time.monotonic() + 180
+        while not (job.outputs() and _chunks_made(job.outputs()[-1][3]) >= chunks):
+            assert not job.done() and time.monotonic() < deadline, job.outputs()[-1:] or job.status()
+            time.sleep(0.1)
+        assert "stopped" in client.predict(api_name="/stop")
+        return job.result()
+
+    first = run_until(client.submit(prompt, None, None, SIZE, SIZE, STEPS, SEED, api_name="/generate"), 2)
+    made_first = _chunks_made(first[3])
+    assert "Stopped" in first[3]
+    at_stop = _read_video(first[1]["value"])
+    continued = client.submit(api_name="/resume")
+    final = run_until(continued, made_first + 2)
+    assert continued.status().success and "Continued." in continued.outputs()[0][3]
+    made = _chunks_made(final[3])
+    assert made >= made_first + 2
+    frames = _read_video(final[1]["value"])
+    assert frames.shape == (24 * made, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(frames[: len(at_stop)], at_stop)
+    np.testing.assert_array_equal(frames, _direct_video(pipe, tmp_path / "direct", made, prompt=prompt))
 
 
 @pytest.mark.parametrize("mode", ["image", "video"])
