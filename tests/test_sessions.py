@@ -227,8 +227,8 @@ def test_resume_checks_the_transformer_weights_and_the_pipeline_class(pipe, tmp_
     assert torch.equal(same.resume_session(path).next_chunk().frames, expected)
     with torch.no_grad():
         same.transformer.time_embedder.linear_1.weight += 1  # same config and learned caption tokens
-    with pytest.raises(ValueError, match=r"the transformer's weights differ \(fingerprint saved [0-9a-f]{16}, here "
-                       r"[0-9a-f]{16}: time_embedder\.linear_1\.weight: values differ\)"):
+    differ = r"transformer's weights differ \(fingerprint saved \w{16}, here \w{16}: time_embedder\.linear_1\.weight: values"
+    with pytest.raises(ValueError, match=differ):
         same.resume_session(path)
     with pytest.raises(ValueError, match=r"saved by a MagiPipeline, not a MagiImageToVideoPipeline"):
         MagiImageToVideoPipeline.from_pipe(pipe).resume_session(path)
