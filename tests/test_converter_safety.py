@@ -11,6 +11,7 @@ import errno
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from unittest import mock
@@ -51,22 +52,60 @@ def run(checkpoint, output, *extra):
     return magi_convert(args)
 
 
+@pytest.fixture()
+def inputs(reference_dir, tmp_path):
+    """Every input magi-convert takes, each alone in a folder of its own (so an output around one holds no other):
+    flag -> path. The source is an original layout holding the DiT checkpoint; the VAE and T5 folders are never read
+    here (every refusal comes before any reading)."""
+    weights = {k: v.contiguous() for k, v in reference_weights(VARIANT).items()}
+    source = tmp_path / "snapshot" / "MAGI-1"
+    checkpoint = tmp_path / "dit" / "checkpoint"
+    for folder in (source / "ckpt" / "magi" / VARIANT / weight_folder(VARIANT), checkpoint / weight_folder(VARIANT)):
+        folder.mkdir(parents=True)
+        save_file(weights, str(folder / "model.safetensors"))
+    paths = {"--source": source, "--checkpoint-dir": checkpoint}
+    for flag, name in (("--vae-dir", "vae"), ("--t5-dir", "t5")):
+        paths[flag] = tmp_path / name / name
+        paths[flag].mkdir(parents=True)
+        (paths[flag] / "config.json").write_text(json.dumps({"component": name}))
+    for flag, original in (("--config", variant_config(VARIANT)), ("--special-tokens", SPECIAL_TOKENS)):
+        paths[flag] = tmp_path / flag.strip("-") / original.name
+        paths[flag].parent.mkdir()
+        paths[flag].write_bytes(original.read_bytes())
+    return paths
+
+
+def digest_of(path: Path) -> dict:
+    return digest(path) if path.is_dir() else {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+INPUT_FLAGS = ["--source", "--checkpoint-dir", "--vae-dir", "--t5-dir", "--config", "--special-tokens"]
+
+
 @pytest.mark.parametrize("where", ["equal", "inside", "containing"])
-def test_output_at_inside_or_around_the_source_is_refused(checkpoint, tmp_path, capsys, where):
-    before = digest(checkpoint)
-    output = {"equal": checkpoint, "inside": checkpoint / "converted", "containing": tmp_path}[where]
-    assert run(checkpoint, output, "--overwrite") == 1
+@pytest.mark.parametrize("flag", INPUT_FLAGS)
+def test_output_at_inside_or_around_the_source_is_refused(inputs, capsys, flag, where):
+    """For every input flag: an output equal to the input, inside it or holding it is refused in one line naming
+    that input, even with --overwrite, and every input is byte for byte what it was."""
+    before = {name: digest_of(path) for name, path in inputs.items()}
+    target = inputs[flag]
+    output = {"equal": target, "inside": target / "converted", "containing": target.parent}[where]
+    argv = [*(part for name, path in inputs.items() for part in (name, str(path))), "--variant", VARIANT]
+    assert magi_convert([*argv, "--output", str(output), "--overwrite"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("magi-convert: error: The output folder") and error.count("\n") == 1, error
-    assert digest(checkpoint) == before
+    assert f"the input {target};" in error, error
+    assert {name: digest_of(path) for name, path in inputs.items()} == before
 
 
 def test_output_naming_a_file_is_refused(checkpoint, tmp_path, capsys):
+    before = digest(checkpoint)
     target = tmp_path / "notes.txt"
     target.write_text("mine")
     assert run(checkpoint, target, "--overwrite") == 1
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "mine"
+    assert digest(checkpoint) == before
 
 
 def test_overwrite_replaces_only_empty_folders_or_earlier_conversions(checkpoint, tmp_path, capsys):
@@ -85,7 +124,24 @@ def test_overwrite_replaces_only_empty_folders_or_earlier_conversions(checkpoint
     assert digest(checkpoint) == before
 
 
+def test_another_pipeline_folder_is_not_overwritten(checkpoint, tmp_path, capsys):
+    """--overwrite replaces only a MAGI-1 pipeline folder: another Diffusers pipeline's folder (its model_index.json
+    names StableDiffusionXLPipeline) is refused and left as it was."""
+    before = digest(checkpoint)
+    other = tmp_path / "sdxl"
+    (other / "unet").mkdir(parents=True)
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (other / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not really weights")
+    kept = digest(other)
+    assert run(checkpoint, other, "--overwrite") == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "not a previous diffusers-magi output" in error, error
+    assert "its model_index.json names StableDiffusionXLPipeline" in error
+    assert digest(other) == kept and digest(checkpoint) == before
+
+
 def test_leftover_partial_folder_is_removed_by_the_next_run(checkpoint, tmp_path):
+    before = digest(checkpoint)
     leftover = tmp_path / "out" / ".converted.partial-abc123"
     leftover.mkdir(parents=True)
     (leftover / "model_index.json").write_text("{}")
@@ -93,6 +149,7 @@ def test_leftover_partial_folder_is_removed_by_the_next_run(checkpoint, tmp_path
     unrelated.mkdir()
     assert run(checkpoint, tmp_path / "out" / "converted") == 0
     assert sorted(os.listdir(tmp_path / "out")) == [".other.partial-abc123", "converted"]
+    assert digest(checkpoint) == before
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
@@ -108,9 +165,15 @@ def test_file_system_errors_end_in_one_line_and_leave_nothing(checkpoint, tmp_pa
 
 
 def test_bad_arguments_fail_before_any_work(checkpoint, tmp_path, capsys):
+    before = digest(checkpoint)
     cases = [
         (["--max-shard-size", "lots"], "--max-shard-size"),
         (["--special-tokens", str(tmp_path / "nope.npz")], "is not a readable file"),
+        (["--config", str(tmp_path / "nope.json")], "--config"),
+        (["--checkpoint-dir", str(tmp_path / "no-dit")], f"--checkpoint-dir '{tmp_path / 'no-dit'}' is not a folder"),
+        (["--vae-dir", str(tmp_path / "no-vae")], f"--vae-dir '{tmp_path / 'no-vae'}' is not a folder"),
+        (["--t5-dir", str(tmp_path / "no-t5")], f"--t5-dir '{tmp_path / 'no-t5'}' is not a folder"),
+        (["--source", str(tmp_path / "no-snapshot")], f"--source '{tmp_path / 'no-snapshot'}' is not a folder"),
     ]
     for extra, message in cases:
         with mock.patch("diffusers_magi.conversion.cli.convert_original_to_diffusers") as convert:
@@ -118,6 +181,39 @@ def test_bad_arguments_fail_before_any_work(checkpoint, tmp_path, capsys):
                 run(checkpoint, tmp_path / "out", *extra)
         assert exit_info.value.code == 2 and not convert.called
         assert message in capsys.readouterr().err
+    assert digest(checkpoint) == before
+
+
+@pytest.mark.parametrize("how", ["read_only_parent", "parent_is_a_file"])
+def test_an_output_that_cannot_be_created_fails_before_any_work(tmp_path, capsys, how):
+    """An output whose parent may not be written (a read-only folder, skipped as root, who may write anywhere; or a
+    path under a regular file) is one line and exit 1 before the conversion starts (so the checkpoint is never read:
+    a stand-in file serves)."""
+    checkpoint = tmp_path / "dit"
+    (checkpoint / weight_folder(VARIANT)).mkdir(parents=True)
+    (checkpoint / weight_folder(VARIANT) / "model.safetensors").write_bytes(b"never read")
+    before = digest(checkpoint)
+    if how == "read_only_parent":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the parent_is_a_file case runs instead")
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o555)
+        message = f"Cannot write into {parent} (to create {parent / 'out'}): permission denied."
+    else:
+        parent = tmp_path / "notes.txt"
+        parent.write_text("mine")
+        message = f"Cannot create {parent / 'out'}: {parent} is a file, not a folder."
+    try:
+        with mock.patch("diffusers_magi.conversion.cli.convert_original_to_diffusers") as convert:
+            assert run(checkpoint, parent / "out") == 1
+    finally:
+        parent.chmod(0o755)
+    assert not convert.called
+    assert capsys.readouterr().err == f"magi-convert: error: {message}\n"
+    assert digest(checkpoint) == before
+    if how == "parent_is_a_file":
+        assert parent.read_text() == "mine"
 
 
 def _sparse():
@@ -166,3 +262,27 @@ def test_dry_run_names_missing_extra_and_mis_shaped_tensors(tmp_path, capsys):
     assert "conversion would FAIL" in report
     inspection = inspect_original(config=config, checkpoint_dir=checkpoint_dir)
     assert not inspection.ok and inspection.components["transformer"].missing == ["blocks.1.ff.linear_out.weight"]
+
+
+@pytest.mark.parametrize("variant", ["4.5B_base", "24B_distill"])
+def test_dry_run_prints_the_memory_a_conversion_needs(tmp_path, capsys, variant):
+    """The memory line equals what the manifest implies: with --dtype float32 every tensor is loaded as float32, so
+    `from_original` holds 4 bytes per element of every tensor plus the largest tensor in flight (its stored bytes and,
+    when the cast copies it, its float32 copy); `magi-convert` holds only that largest tensor."""
+    sparse = _sparse()
+    config, checkpoint_dir, _ = sparse.write_sparse_checkpoint(variant, tmp_path / "ckpt", num_layers=3)
+    tensors = sparse.kept_tensors(sparse.load_manifest(variant), 3)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+    elements = {name: math.prod(shape) for name, (shape, _) in tensors.items()}
+    in_flight = max(
+        elements[name] * itemsize[dtype] + (4 * elements[name] if dtype != "float32" else 0)
+        for name, (_, dtype) in tensors.items()
+    )
+    load = 4 * sum(elements.values()) + in_flight
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    argv = ["--config", str(config_path), "--checkpoint-dir", str(checkpoint_dir), "--dtype", "float32", "--dry-run"]
+    assert magi_convert(argv) == 0
+    report = capsys.readouterr().out
+    expected = f"from_original needs ~{load / 1e9:.2f} GB of memory, magi-convert ~{in_flight / 1e9:.2f} GB"
+    assert expected in report, report

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing output folder that is empty or an earlier conversion (has model_index.json)",
+        help="replace an existing output folder that is empty or an earlier conversion (its model_index.json names a "
+        "MAGI-1 pipeline); never a file or other content",
     )
     parser.add_argument(
         "--dry-run",
@@ -122,6 +123,13 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--max-shard-size {args.max_shard_size!r} is not a size such as 5GB, 500MB or 1000000")
 
 
+def _named_inputs(args: argparse.Namespace) -> List[str]:
+    """The local inputs the flags name (a Hub id is none); the folders of a `--source` layout lie inside it."""
+    source = args.source if args.source is not None and os.path.isdir(args.source) else None
+    named = (source, args.checkpoint_dir, args.vae_dir, args.t5_dir, args.config, args.special_tokens)
+    return [path for path in named if path is not None]
+
+
 def _error_line(error: BaseException) -> str:
     """One line for a conversion error: the message, or for a file-system error its reason and file."""
     if isinstance(error, OSError) and error.strerror:
@@ -141,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     errors = (ValueError, TypeError, OSError, ImportError, RuntimeError, HfHubHTTPError)
     dtype = _DTYPES[args.dtype] if args.dtype else None
     try:
+        if args.output is not None:  # before any work: an output that may not be written, or would destroy an input
+            check_output_folder(args.output, args.overwrite, _named_inputs(args))
         if args.dry_run:
             report = inspect_original(
                 args.source,
@@ -154,8 +164,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 dequantize_fp8=args.dequantize_fp8,
             )
             print(report)
-            if args.output is not None:
-                check_output_folder(args.output, args.overwrite)
             return 0 if report.ok else 1
         folder = convert_original_to_diffusers(
             args.output,

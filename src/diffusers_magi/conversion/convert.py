@@ -101,8 +101,8 @@ def convert_original_to_diffusers(
             the dequantised weights instead of the float8 weights.
         max_shard_size (`int` or `str`, defaults to `"5GB"`): weights above it are sharded with an index.
         overwrite (`bool`, defaults to `False`): replace an existing `output_dir` that is empty or a previous
-            output of this converter (it has a `model_index.json`); files and other folders are never replaced, and
-            an `output_dir` at, inside or around an input is refused.
+            output of this package (its `model_index.json` names a MAGI-1 pipeline); files and other folders are
+            never replaced, and an `output_dir` at, inside or around an input is refused.
         push_to_hub (`str`, *optional*): upload the folder to this Hub repository id afterwards.
         private (`bool`, defaults to `False`): create the Hub repository as private.
         token (`str`, *optional*): Hub token (default: the logged-in one).

@@ -14,7 +14,8 @@ one subfolder per component, safetensors sharded with an index above `max_shard_
 The folder appears complete or not at all: everything is written into a hidden sibling folder (`.<name>.partial-*`)
 that is renamed into place at the end, and removed on any error (a folder left by a killed run is removed by the next
 run into the same output). Nothing the user keeps is replaced: an output at, inside or around an input is refused,
-and `overwrite` replaces only an empty folder or a previous output (`model_index.json`), never a file.
+and `overwrite` replaces only an empty folder or a previous output (a `model_index.json` naming a MAGI-1 pipeline),
+never a file.
 """
 
 import json
@@ -65,14 +66,27 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def is_previous_output(folder: str) -> bool:
-    """Whether `folder` is a pipeline folder (a previous output of this converter): it holds a `model_index.json`
-    naming a pipeline class."""
+# The pipelines whose folders `save_pretrained` writes with a `model_index.json` (named here, not imported: the
+# conversion package never imports the pipelines). `MagiModularPipeline.save_pretrained` writes a
+# `modular_model_index.json` instead, so it has no entry.
+PIPELINE_CLASSES = ("MagiPipeline", "MagiImageToVideoPipeline", "MagiVideoToVideoPipeline")
+
+
+def _indexed_class(folder: str) -> Optional[str]:
+    """The `_class_name` of `folder`'s `model_index.json`, or `None` without a readable one."""
     try:
         with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as file:
-            return isinstance(json.load(file).get("_class_name"), str)
+            name = json.load(file).get("_class_name")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return name if isinstance(name, str) else None
+
+
+def is_previous_output(folder: str) -> bool:
+    """Whether `folder` is a previous output of this package: its `model_index.json` names one of the MAGI-1
+    pipelines (`PIPELINE_CLASSES`). Another Diffusers pipeline's folder (e.g. a `StableDiffusionXLPipeline`) is
+    not."""
+    return _indexed_class(folder) in PIPELINE_CLASSES
 
 
 def check_output_folder(
@@ -86,7 +100,8 @@ def check_output_folder(
     Raises:
         ValueError: `output_dir` is, lies inside, or contains one of `inputs` (the folders and files read).
         FileExistsError: `output_dir` is a file, or a non-empty folder and not `overwrite`; or `overwrite` is set but
-            the folder is neither empty nor a previous output of this converter (no `model_index.json`).
+            the folder is neither empty nor a previous output of this package (`is_previous_output`).
+        NotADirectoryError: a path above `output_dir` is a file.
         PermissionError: the folder that would hold `output_dir` is not writable.
     """
     output_dir = os.path.abspath(str(output_dir))
@@ -113,13 +128,17 @@ def check_output_folder(
     if occupied and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     if occupied and not is_previous_output(output_dir):
+        indexed = _indexed_class(output_dir)
+        what = f"its model_index.json names {indexed}" if indexed else "it has no model_index.json naming one"
         raise FileExistsError(
-            f"{output_dir} is not empty and is not a previous diffusers-magi output (it has no model_index.json); "
-            "--overwrite only replaces an empty folder or an earlier conversion. Empty it or pick another folder."
+            f"{output_dir} is not empty and is not a previous diffusers-magi output ({what}; a MAGI-1 pipeline is "
+            f"one of {', '.join(PIPELINE_CLASSES)}); --overwrite only replaces an empty folder or an earlier "
+            "conversion. Empty it or pick another folder."
         )
-    parent = os.path.dirname(output_dir)
-    existing = parent
+    existing = os.path.dirname(output_dir)
     while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            raise NotADirectoryError(f"Cannot create {output_dir}: {existing} is a file, not a folder.")
         existing = os.path.dirname(existing)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"Cannot write into {existing} (to create {output_dir}): permission denied.")
