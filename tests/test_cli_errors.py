@@ -2,6 +2,7 @@
 without a traceback; an interrupted stream (exception, Ctrl-C, SIGTERM) leaves an mp4 that ends at the last whole
 chunk and the CLI says how many it holds; ffmpeg failures quote ffmpeg's own message."""
 
+import errno
 import os
 import signal
 from unittest import mock
@@ -158,3 +159,68 @@ def test_empty_stream_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="no chunk"):
         write_video_stream([], str(tmp_path / "empty.mp4"))
     assert not (tmp_path / "empty.mp4").exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.parametrize("step", ["opening", "second_chunk"])
+def test_disk_errors_while_writing_are_one_line(tmp_path, capsys, code, step):
+    """A file-system error where the mp4 is written (opening it, or writing a later chunk) ends as one line
+    `magi-generate: error: <reason>: <file>`, exit 1, no traceback; a file already begun keeps its whole chunks."""
+    out = tmp_path / "video.mp4"
+    failure = OSError(code, os.strerror(code), str(out))
+    if step == "opening":
+        patch = mock.patch.object(video_export_magi._FfmpegWriter, "__init__", side_effect=failure)
+        message = f"{os.strerror(code)}: {out} before the first chunk; no video was written"
+    else:
+        original, calls = video_export_magi._FfmpegWriter.write, []
+
+        def write_then_fail(self, frames):
+            calls.append(frames)
+            if len(calls) > 1:
+                raise failure
+            original(self, frames)
+
+        patch = mock.patch.object(video_export_magi._FfmpegWriter, "write", write_then_fail)
+        message = f"{os.strerror(code)}: {out}; {out} holds the first 1 whole chunk(s)"
+    with patch, mock.patch.object(cli, "load_pipeline", return_value=FakePipeline(3, lambda: None)):
+        assert cli.main(["--model", "tiny-random", "--prompt", "x", "--output", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.splitlines()[-1] == f"magi-generate: error: {message}"
+    assert error.count("magi-generate:") == 1
+    if step == "opening":
+        assert not out.exists()
+    else:
+        assert frame_count(out) == FRAMES
+
+
+OFFLINE = "magi-generate: error: could not download {model} and it is not in the local cache ({reason}). Connect"
+
+
+def test_a_model_neither_online_nor_cached_is_one_line(tmp_path, capsys):
+    """Offline (or the Hub unreachable) with nothing cached: one line saying so and what to pass instead, for a
+    Diffusers repository (Diffusers wraps the cache miss in an OSError caused by the connection error) and for the
+    original layout (huggingface_hub's LocalEntryNotFoundError as is)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    out = str(tmp_path / "o.mp4")
+    model = "diffusers-magi-tests/never-cached"
+    offline = OfflineModeIsEnabled(f"Cannot reach https://huggingface.co/api/models/{model}: offline mode is enabled.")
+    with mock.patch("diffusers.pipelines.pipeline_utils.model_info", side_effect=offline):
+        code = cli.main(["--model", model, "--prompt", "x", "--output", out, "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error and error.count("magi-generate:") == 1, error
+    line = error.splitlines()[-1]
+    assert line.startswith(OFFLINE.format(model=model, reason=offline)), line
+    assert line.endswith("or --model tiny-random for a smoke test.")
+
+    cache_miss = LocalEntryNotFoundError("An error happened while trying\nto locate the files.\nNothing is cached.")
+    special_tokens = tmp_path / "special_tokens.npz"
+    special_tokens.write_bytes(b"")
+    with mock.patch("huggingface_hub.snapshot_download", side_effect=cache_miss):
+        code = cli.main(
+            ["--prompt", "x", "--output", out, "--device", "cpu", "--special-tokens-file", str(special_tokens)]
+        )
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error and error.count("\n") == 1, error
+    assert error.startswith(OFFLINE.format(model="sand-ai/MAGI-1", reason="Nothing is cached."))

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "original layout",
     )
     model.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="dtype of the transformer and VAE (default: bfloat16; float32 for tiny-random)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="dtype of the transformer and VAE (default: bfloat16; float32 for tiny-random)",
     )
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="CPU offloading of the components")
@@ -108,7 +110,15 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for flag, path in (("--image", args.image), ("--video", args.video), ("--chunk-prompts", args.chunk_prompts)):
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             _fail(parser, f"{flag} {path!r} is not a readable file.")
-    text_sources = [flag for flag, value in (("--prompt", args.prompt), ("--chunk-prompts", args.chunk_prompts), ("--chunk-prompt", args.chunk_prompt)) if value]
+    text_sources = [
+        flag
+        for flag, value in (
+            ("--prompt", args.prompt),
+            ("--chunk-prompts", args.chunk_prompts),
+            ("--chunk-prompt", args.chunk_prompt),
+        )
+        if value
+    ]
     if len(text_sources) > 1:
         _fail(parser, f"{' and '.join(text_sources)} cannot be combined; pass one.")
     if not text_sources:
@@ -128,7 +138,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if os.path.isdir(args.output):
         _fail(parser, f"--output {args.output!r} is a folder; name the .mp4 file to write.")
     if args.offload != "none" and args.device == "cpu" and args.offload != "group":
-        _fail(parser, f"--offload {args.offload} moves components between the CPU and an accelerator; with --device cpu use --offload none.")
+        _fail(
+            parser,
+            f"--offload {args.offload} moves components between the CPU and an accelerator; with --device cpu use --offload none.",
+        )
     if args.model != TINY_RANDOM and not os.path.isdir(args.model) and os.path.exists(args.model):
         _fail(parser, f"--model {args.model!r} is a file; pass a pipeline folder, a Hub id or 'tiny-random'.")
     local_looking = args.model.startswith((".", os.sep, "~")) or args.model.count("/") > 1
@@ -159,8 +172,15 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """Sizes, frames, steps and guidance settings, which need no model."""
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value <= 0 or value % SIZE_MULTIPLE:
-            _fail(parser, f"{flag} {value}: height and width must be positive multiples of {SIZE_MULTIPLE} (VAE 8x, transformer patch 2x).")
-    for flag, value in (("--num-frames", args.num_frames), ("--fps", args.fps), ("--num-prefix-frames", args.num_prefix_frames)):
+            _fail(
+                parser,
+                f"{flag} {value}: height and width must be positive multiples of {SIZE_MULTIPLE} (VAE 8x, transformer patch 2x).",
+            )
+    for flag, value in (
+        ("--num-frames", args.num_frames),
+        ("--fps", args.fps),
+        ("--num-prefix-frames", args.num_prefix_frames),
+    ):
         if value < 1:
             _fail(parser, f"{flag} must be at least 1, got {value}.")
     if args.steps is not None and args.steps < 1:
@@ -187,7 +207,9 @@ def load_pipeline(args):
     from . import loading
     from .pipelines import MagiImageToVideoPipeline, MagiPipeline, MagiVideoToVideoPipeline
 
-    pipeline_class = MagiImageToVideoPipeline if args.image else MagiVideoToVideoPipeline if args.video else MagiPipeline
+    pipeline_class = (
+        MagiImageToVideoPipeline if args.image else MagiVideoToVideoPipeline if args.video else MagiPipeline
+    )
     pipe = loading.load_pipeline(
         args.model,
         variant=args.variant,
@@ -204,7 +226,10 @@ def load_pipeline(args):
         pipe.enable_sequential_cpu_offload(device=args.device)
     else:
         pipe.enable_group_offload(
-            onload_device=torch.device(args.device), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+            onload_device=torch.device(args.device),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
         )
     return pipe
 
@@ -236,6 +261,33 @@ def generation_arguments(args) -> dict:
     return kwargs
 
 
+def _reason(error: BaseException) -> str:
+    """An error in words: a file-system error's reason and file (`No space left on device: out.mp4`, as
+    `magi-convert` words it), else its message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    return str(error) or type(error).__name__
+
+
+def _not_cached(error: BaseException) -> Optional[str]:
+    """Why the model could be neither downloaded nor found in the local cache, or `None` for another error.
+    `from_original` raises huggingface_hub's `LocalEntryNotFoundError` itself (its last line says why); Diffusers'
+    `from_pretrained` wraps it in an `OSError` caused by the error that kept it from the Hub (offline mode, no
+    connection), which is the reason then."""
+    links, seen = [error], set()
+    while links:
+        link = links.pop(0)
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        if isinstance(link, LocalEntryNotFoundError):
+            if link is not error and error.__cause__ is not None:
+                return str(error.__cause__).strip().splitlines()[0]
+            return str(link).strip().splitlines()[-1]
+        links += [link.__cause__, link.__context__]
+    return None
+
+
 def _error(message: str, code: int = 1) -> int:
     print(f"magi-generate: error: {' '.join(message.split())}", file=sys.stderr)
     return code
@@ -259,15 +311,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         try:
             pipe = load_pipeline(args)
-        except LocalEntryNotFoundError as error:  # offline, or the Hub unreachable, and nothing cached
-            reason = str(error).splitlines()[-1]
-            return _error(
-                f"could not download {args.model} and it is not in the local cache ({reason}). Connect to the "
-                f"internet, or pass --model path/to/folder (written by magi-convert), or --model {TINY_RANDOM} for a "
-                "smoke test."
-            )
         except errors as error:
-            return _error(f"could not load --model {args.model}: {error}")
+            reason = _not_cached(error)
+            if reason is not None:  # offline, or the Hub unreachable, and nothing cached
+                return _error(
+                    f"could not download {args.model} and it is not in the local cache ({reason}). Connect to the "
+                    f"internet, or pass --model path/to/folder (written by magi-convert), or --model {TINY_RANDOM} "
+                    "for a smoke test."
+                )
+            return _error(f"could not load --model {args.model}: {_reason(error)}")
         except KeyboardInterrupt:
             return _error("interrupted while loading the model; nothing was written", 130)
         written = [0]
@@ -288,10 +340,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 failure = error
         if failure is not None:  # reported after the progress bar is closed
             interrupted = isinstance(failure, KeyboardInterrupt)
-            what = "interrupted" if interrupted else str(failure)
+            what = "interrupted" if interrupted else _reason(failure)
             if written[0] == 0:
                 return _error(f"{what} before the first chunk; no video was written", 130 if interrupted else 1)
-            return _error(f"{what}; {args.output} holds the first {written[0]} whole chunk(s)", 130 if interrupted else 1)
+            return _error(
+                f"{what}; {args.output} holds the first {written[0]} whole chunk(s)", 130 if interrupted else 1
+            )
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     print(f"wrote {args.output} ({written[0]} chunks)")
