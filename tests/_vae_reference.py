@@ -25,6 +25,7 @@ from diffusers_magi.pipelines.video_processing_magi import (
 )
 
 from .conftest import REFERENCE_DIR
+from .reference_data import subset_changes, tensors_sha256
 
 VAE_REFERENCE_DIR = REFERENCE_DIR / "vae"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -92,9 +93,20 @@ class Case:
         return found
 
     def weights_sha256_ok(self) -> bool:
+        """The checkpoint is the one the case was recorded with: its sha256, or, in the in-repository subset (whose
+        VAE encoder is stored as zeros), the recorded sha256 of the full-set file the subset was built from and the
+        sha256 of the tensors it keeps as recorded."""
         checkpoint = self.spec["checkpoint"]
-        weights = VAE_REFERENCE_DIR.parent / checkpoint["path"] / "diffusion_pytorch_model.safetensors"
-        return hashlib.sha256(weights.read_bytes()).hexdigest() == checkpoint["safetensors_sha256"]
+        relative = f"{checkpoint['path']}/diffusion_pytorch_model.safetensors"
+        weights = VAE_REFERENCE_DIR.parent / relative
+        change = subset_changes(VAE_REFERENCE_DIR.parent).get(relative)
+        if change is None:
+            return hashlib.sha256(weights.read_bytes()).hexdigest() == checkpoint["safetensors_sha256"]
+        kept = {name: tensor for name, tensor in load_file(weights).items() if name not in change["zeroed_tensors"]}
+        return (
+            change["full_set_sha256"] == checkpoint["safetensors_sha256"]
+            and tensors_sha256(kept) == change["kept_tensors_sha256"]
+        )
 
     def model(self):
         return _converted_model(str(VAE_REFERENCE_DIR.parent / self.spec["checkpoint"]["path"]), self.dtype)

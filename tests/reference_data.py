@@ -7,9 +7,11 @@ Two sources, same layout (`dit/`, `vae/`, `text/`, `original_configs/`):
   into a cache folder under the system temporary directory.
 
 The subset is built from the full set with `python -m tests.reference_data --build`. Each file is stored xz-compressed
-as `<name>.xz` (README files as they are); in a `.safetensors` file the bytes of each float32 tensor are first
+as `<name>.xz`; in a `.safetensors` file the bytes of each float32 tensor are first
 regrouped by byte position (all first bytes, then all second bytes, ...), which lets xz compress random weights about
-8 % better. Unpacking restores the original files byte for byte (the tests check the checkpoints' recorded sha256).
+8 % better. Unpacking restores the selected files byte for byte, except the values the subset's cases never read,
+which are stored as zeros (`ZEROED_TENSORS`, `CAPTION_PADDING`; listed per file in `subset_changes.json` with the
+sha256 of the full-set file and of the tensors kept as recorded, which the VAE tests check).
 """
 
 import argparse
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_REFERENCE_DIR = (REPO_ROOT / ".." / "shared" / "reference").resolve()
@@ -34,6 +37,13 @@ SUBSET_DIR = REPO_ROOT / "tests" / "data" / "reference"
 # set).
 CALL_OUTPUTS = r"call\d+\.out"
 SAMPLER_OUTPUTS = r"chunk\d+|final_latent"
+# The intermediates of `f_forward_fp8` that the bit-exact fp8 tests read: every float8 linear's input, activation
+# codes and output, the first block's attention inputs and output, each block's output and gate logits.
+FP8_INTERMEDIATES = (
+    r"call0\.debug\.(fp8\..*"
+    r"|layer0\.(query_after_norm_rope|key_value_after_norm_rope|self_attention\.0)"
+    r"|layer\d+|layer\d+\.ada_modulate_layer)"
+)
 # Relative path (file or folder) of the full set -> None (copied whole) or a regular expression over tensor names.
 SUBSET_SELECTION: Dict[str, Optional[str]] = {
     # The float32 base checkpoint (forward, KV cache and base sampler cases) and the fp8 distilled checkpoint (fp8
@@ -44,33 +54,65 @@ SUBSET_SELECTION: Dict[str, Optional[str]] = {
     "dit/a_forward_single_chunk/case.json": None,
     "dit/a_forward_single_chunk/inputs.safetensors": None,
     "dit/a_forward_single_chunk/outputs.safetensors": CALL_OUTPUTS,
-    "dit/c_dispatcher_kv_cache": None,
+    "dit/c_dispatcher_kv_cache/case.json": None,
+    "dit/c_dispatcher_kv_cache/inputs.safetensors": None,
+    # Every call's outputs (each guidance pass too) and the KV cache contents after the last call.
+    "dit/c_dispatcher_kv_cache/outputs.safetensors": r"call\d+\.(out|inner\d\.out)|call5\.kv_cache\.layer\d+",
     **{
         f"dit/{case}/{file}": SAMPLER_OUTPUTS if file == "outputs.safetensors" else None
-        for case in ("e_sampler_t2v_base", "e_sampler_i2v_base", "e_sampler_t2v_distill_fp8")
+        for case in ("e_sampler_t2v_base", "e_sampler_t2v_distill_fp8")
         for file in ("case.json", "config.json", "special_tokens.npz", "inputs.safetensors", "outputs.safetensors")
     },
     "dit/f_forward_fp8/case.json": None,
     "dit/f_forward_fp8/inputs.safetensors": None,
-    # The recorded intermediates of call 0 (float8 linears, per-layer activations) stay for the bit-exact fp8 tests.
-    "dit/f_forward_fp8/outputs.safetensors": CALL_OUTPUTS + r"|call0\.debug\..*",
+    "dit/f_forward_fp8/outputs.safetensors": CALL_OUTPUTS + "|" + FP8_INTERMEDIATES,
     "dit/schedules": None,
     "original_configs": None,
     "text/README.md": None,
     "text/generation.json": None,
     "text/special_tokens_layout.json": None,
     "text/tiny_special_tokens.npz": None,
-    "text/cases": None,
+    "text/cases/text_special_token_constants": None,
+    "text/cases/text_t2v_pad_hq_duration_4chunks": None,
     "vae/README.md": None,
     "vae/generation.json": None,
     "vae/tiny_vae_a": None,
-    "vae/assets/image.jpeg": None,
-    "vae/cases/vae_a_encode_video_1x3x8x32x32": None,
     "vae/cases/vae_a_decode_latent_1x16x2x4x4": None,
-    "vae/cases/vae_a_tiled_encode_24x48x48_tile32": None,
     "vae/cases/vae_a_tiled_decode_1x16x6x6x6_tile32": None,
-    "vae/cases/preprocess_i2v_image_asset": None,
 }
+
+# Values the subset's cases never read, stored as zeros (random float32 does not compress; zeros do):
+# * the encoder of the VAE checkpoint (the subset's VAE cases decode; encoding parity is proven on the full set);
+# * the caption tokens of the padding (mask 0) in the DiT cases' captions: the model attends to valid tokens
+#   only (`tests/test_transformer_parity.py::test_padding_tokens_have_no_influence` checks our side on whatever
+#   set is present, and parity with the recorded outputs, computed from random padding, holds on both sets).
+ZEROED_TENSORS = {"vae/tiny_vae_a/diffusion_pytorch_model.safetensors": r"encoder\..*"}
+CAPTION_PADDING = {"caption_bank": "mask_bank", "caption_embs": "emb_masks"}  # captions -> their masks
+# What the build changed, with the sha256 of each changed file in the full set and of the tensors kept as recorded.
+SUBSET_CHANGES_FILE = "subset_changes.json"
+
+
+def tensors_sha256(tensors: Dict[str, "torch.Tensor"]) -> str:
+    """sha256 over the names and bytes of `tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0" + tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _zero_unread_values(name: str, tensors: Dict[str, "torch.Tensor"]) -> Optional[dict]:
+    """Zero (in place) what the subset's cases never read of file `name`; returns a record of it, or None."""
+    zeroed_names = sorted(key for key in tensors if re.fullmatch(ZEROED_TENSORS.get(name, r"(?!)"), key))
+    for key in zeroed_names:
+        tensors[key] = torch.zeros_like(tensors[key])
+    padded = [] if not name.startswith("dit/") else sorted(key for key in CAPTION_PADDING if key in tensors)
+    for key in padded:
+        caption, mask = tensors[key], tensors[CAPTION_PADDING[key]] != 0  # (rows, [chunks,] tokens, dim), (rows, tokens)
+        tensors[key] = caption * mask.reshape(len(mask), *[1] * (caption.ndim - 3), mask.shape[1], 1)
+    if not zeroed_names and not padded:
+        return None
+    kept = {key: value for key, value in tensors.items() if key not in zeroed_names and key not in padded}
+    return {"zeroed_tensors": zeroed_names, "zeroed_caption_padding": padded, "kept_tensors_sha256": tensors_sha256(kept)}
 
 
 def _float32_ranges(data: bytes):
@@ -108,22 +150,33 @@ def build_subset(source: Path = FULL_REFERENCE_DIR, destination: Path = SUBSET_D
 
     if destination.exists():
         shutil.rmtree(destination)
+    changes = {}
     for name, file, keep in _subset_files(source):
         content = file.read_bytes()
-        if keep is not None:
-            kept = {key: value for key, value in load(content).items() if re.fullmatch(keep, key)}
-            if not kept:
-                raise ValueError(f"{file}: no tensor matches {keep!r}")
-            content = save(dict(sorted(kept.items())))
+        if name.endswith(".safetensors"):
+            tensors = load(content)
+            if keep is not None:
+                tensors = {key: value for key, value in tensors.items() if re.fullmatch(keep, key)}
+                if not tensors:
+                    raise ValueError(f"{file}: no tensor matches {keep!r}")
+            change = _zero_unread_values(name, tensors)
+            if change is not None:
+                changes[name] = {"full_set_sha256": hashlib.sha256(content).hexdigest(), **change}
+            if keep is not None or change is not None:
+                content = save(dict(sorted(tensors.items())))
         path = destination / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith(".md"):
-            path.write_bytes(content)
-            continue
         if name.endswith(".safetensors"):
             content = _regroup_bytes(content)
         path.with_name(path.name + ".xz").write_bytes(lzma.compress(content, preset=9 | lzma.PRESET_EXTREME))
+    (destination / SUBSET_CHANGES_FILE).write_text(json.dumps(changes, indent=1, sort_keys=True) + "\n")
     return sum(path.stat().st_size for path in destination.rglob("*") if path.is_file())
+
+
+def subset_changes(root: Path) -> Dict[str, dict]:
+    """What the subset build zeroed, per file (`{}` for the full set)."""
+    path = root / SUBSET_CHANGES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _stored_files(folder: Path):
