@@ -234,6 +234,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7)
 
 
+def test_one_generator_per_clip_gives_each_clip_the_draws_of_a_batch_of_its_own():
+    """What makes gradient accumulation (and data parallelism) see the draws of one large batch: with a generator per
+    clip, a clip's times, dropout and noise do not depend on the batch it is in."""
+    objective = MagiChunkwiseFlowMatching(caption_dropout=0.3, unconditional_dropout=0.3)
+    latents = _latents(batch=3, chunks=3)
+    together = objective.prepare(latents, generator=[torch.Generator().manual_seed(seed) for seed in (5, 6, 7)])
+    for row, seed in enumerate((5, 6, 7)):
+        alone = objective.prepare(latents[row : row + 1], generator=torch.Generator().manual_seed(seed))
+        for field in ("noisy_latents", "timesteps", "noise", "positions", "loss_mask", "caption_dropped"):
+            assert torch.equal(getattr(together, field)[row], getattr(alone, field)[0]), field
+        assert together.attention_chunk_starts[row] == alone.attention_chunk_starts[0]
+    assert not torch.equal(together.noise[0], together.noise[1])
+    with pytest.raises(ValueError, match="one generator per clip: 2 generators for 3 clips"):
+        objective.prepare(latents, generator=[torch.Generator(), torch.Generator()])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -325,10 +341,27 @@ def test_num_frames_not_whole_chunks(tmp_path, capsys):
     assert "--num-frames must be a positive multiple of 24" in _bad_input(tmp_path, capsys, data, "--num-frames", "30")
 
 
-def test_target_module_that_does_not_exist(tmp_path, capsys):
+def test_target_module_that_does_not_exist(tmp_path, capsys, monkeypatch):
+    """Checked against the module names of a meta-device model built from the config: nothing is loaded."""
+    from diffusers_magi import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("the pipeline was loaded"))
     data = write_moving_squares(tmp_path / "data", num_frames=48, size=64)
     err = _bad_input(tmp_path, capsys, data, "--target-modules", "to_q,to_qkv")
     assert "--target-modules: 'to_qkv' names no module of the transformer" in err and "'to_q'" in err
+    err = _bad_input(tmp_path, capsys, data, "--target-modules", "blocks.1.attn.to_q,blocks.2.attn.to_q")
+    assert "'blocks.2.attn.to_q' names no module" in err  # the tiny transformer has 2 blocks
+
+
+def test_target_modules_of_a_converted_folder_are_read_from_its_config(tmp_path):
+    from diffusers_magi.training.train_lora import check_target_modules, transformer_config
+
+    tiny_pipeline(num_layers=3).save_pretrained(tmp_path / "converted")
+    config = transformer_config(str(tmp_path / "converted"), None)
+    check_target_modules(config, ["blocks.2.ff.linear_in", "to_cross_kv"])
+    with pytest.raises(ValueError, match="'blocks.3.ff.linear_in' names no module"):
+        check_target_modules(config, ["blocks.3.ff.linear_in"])
+    assert transformer_config("sand-ai/MAGI-1", "24B_base")["num_layers"] == 48  # the preset, nothing downloaded
 
 
 @pytest.mark.skipif(
@@ -346,8 +379,207 @@ def test_console_script_is_registered():
     assert script.load() is main
 
 
+def test_load_pipeline_leaves_t5_and_the_vae_out(tmp_path, reference_dir, monkeypatch):
+    """What a run with a complete cache loads: the transformer (and scheduler) only, from each kind of source; the
+    original layout's T5 and VAE folders are not read (empty here)."""
+    from diffusers_magi import MagiPipeline, loading
+    from diffusers_magi.conversion import original_layout
+    from diffusers_magi.conversion.original_checkpoint import read_original_config
+
+    from .original_snapshot import SPECIAL_TOKENS, build_original_snapshot, variant_config, weight_folder
+
+    tiny_pipeline().save_pretrained(tmp_path / "converted")
+    for source in ("tiny-random", str(tmp_path / "converted")):
+        pipe = loading.load_pipeline(source, dtype=torch.float32, with_text_encoder=False, with_vae=False)
+        assert pipe.text_encoder is None and pipe.tokenizer is None and pipe.vae is None
+        assert pipe.transformer is not None
+        assert loading.load_pipeline(source, dtype=torch.float32, with_vae=False).text_encoder is not None
+
+    variant = "tiny45_base"  # not a built-in preset: its config stands in for one
+    monkeypatch.setattr(original_layout, "preset", lambda name: read_original_config(variant_config(name)))
+    full = build_original_snapshot(tmp_path / "MAGI-1", reference_dir / "vae" / "tiny_vae_a")
+    bare = tmp_path / "bare"
+    (bare / "ckpt" / "magi" / variant).mkdir(parents=True)
+    (bare / "ckpt" / "magi" / variant / weight_folder(variant)).symlink_to(
+        full / "ckpt" / "magi" / variant / weight_folder(variant)
+    )
+    (bare / "ckpt" / "vae").mkdir()
+    (bare / "ckpt" / "t5" / "t5-v1_1-xxl").mkdir(parents=True)
+    pipe = loading.load_pipeline(
+        str(bare), variant, SPECIAL_TOKENS, dtype=torch.float32, with_text_encoder=False, with_vae=False
+    )
+    assert pipe.text_encoder is None and pipe.tokenizer is None and pipe.vae is None
+    complete = loading.load_pipeline(str(full), variant, SPECIAL_TOKENS, dtype=torch.float32)
+    direct = MagiPipeline.from_original(full, variant, special_tokens=SPECIAL_TOKENS, dtype=torch.float32)
+    assert complete.text_encoder is not None and complete.vae is not None
+    for name, tensor in direct.transformer.state_dict().items():
+        assert torch.equal(pipe.transformer.state_dict()[name], tensor) and torch.equal(
+            complete.transformer.state_dict()[name], tensor
+        )
+
+
 def _losses(folder):
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+# In-process runs at toy size (32 x 32, one chunk, a few steps: well under a second each after the first).
+FAST_ARGS = ["--model", "tiny-random", "--resolution", "32", "--num-frames", "24", "--seed", "0"]
+
+
+@pytest.fixture
+def fast_data(tmp_path):
+    return write_moving_squares(tmp_path / "data", num_frames=24, size=32)
+
+
+def _train(data, output, *extra):
+    code = main([*FAST_ARGS, "--data", str(data), "--output", str(output), "--checkpointing-steps", "0", *extra])
+    assert code == 0
+
+
+class _Spies:
+    """Counts, during `magi-train-lora` runs in this process, the VAE encodes, the T5 prompt encodes, the tiny VAE and
+    T5 built (what loading them is for `tiny-random`) and the objective's calls; at each objective call (a training
+    step) it records which of the loaded VAE / T5 are still alive and where."""
+
+    def __init__(self, monkeypatch):
+        import gc
+        import weakref
+
+        from diffusers_magi import AutoencoderMagi, MagiPipeline, loading, tiny_random
+
+        self.counts = dict(vae_encode=0, prompt_encode=0, vae_built=0, t5_built=0, steps=0)
+        self.encoders = {}  # "vae" / "text_encoder" -> weakref of the one the last run loaded
+        self.during_steps = []  # per step: {"vae": device or None (freed), "text_encoder": ...}
+
+        def counted(name, function):
+            def wrapper(*args, **kwargs):
+                self.counts[name] += 1
+                return function(*args, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(AutoencoderMagi, "encode", counted("vae_encode", AutoencoderMagi.encode))
+        monkeypatch.setattr(MagiPipeline, "encode_prompt", counted("prompt_encode", MagiPipeline.encode_prompt))
+        monkeypatch.setattr(tiny_random, "tiny_vae", counted("vae_built", tiny_random.tiny_vae))
+        monkeypatch.setattr(tiny_random, "tiny_text_encoder", counted("t5_built", tiny_random.tiny_text_encoder))
+        load_pipeline = loading.load_pipeline
+
+        def spied_load_pipeline(*args, **kwargs):
+            pipe = load_pipeline(*args, **kwargs)
+            self.encoders = {
+                name: weakref.ref(getattr(pipe, name))
+                for name in ("vae", "text_encoder")
+                if getattr(pipe, name) is not None
+            }
+            return pipe
+
+        monkeypatch.setattr(loading, "load_pipeline", spied_load_pipeline)
+        call = MagiChunkwiseFlowMatching.__call__
+
+        def spied_call(objective, transformer, *args, **kwargs):
+            self.counts["steps"] += 1
+            gc.collect()
+            alive = {name: ref() for name, ref in self.encoders.items()}
+            self.during_steps.append(
+                {name: None if model is None else model.device.type for name, model in alive.items()}
+            )
+            del alive
+            return call(objective, transformer, *args, **kwargs)
+
+        monkeypatch.setattr(MagiChunkwiseFlowMatching, "__call__", spied_call)
+
+
+def test_cache_dir_is_read_by_a_second_and_a_resumed_run_without_loading_t5_or_the_vae(
+    tmp_path, fast_data, monkeypatch
+):
+    spies = _Spies(monkeypatch)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    _train(fast_data, tmp_path / "first", *cache, "--max-steps", "2", "--checkpointing-steps", "1")
+    assert spies.counts == dict(vae_encode=2, prompt_encode=2, vae_built=1, t5_built=1, steps=2)
+    first = _losses(tmp_path / "first")
+    assert sorted(path.name for path in (tmp_path / "first").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    _train(fast_data, tmp_path / "second", *cache, "--max-steps", "2")
+    assert spies.counts == dict(vae_encode=2, prompt_encode=2, vae_built=1, t5_built=1, steps=4)  # nothing encoded
+    assert spies.encoders == {}  # neither T5 nor the VAE was loaded
+    assert _losses(tmp_path / "second") == first  # trained on the cached latents and captions
+
+    _train(fast_data, tmp_path / "first", *cache, "--max-steps", "3", "--resume-from-checkpoint", "latest")
+    assert spies.counts == dict(vae_encode=2, prompt_encode=2, vae_built=1, t5_built=1, steps=5)  # from step 2 on
+    resumed = _losses(tmp_path / "first")
+    assert [entry["step"] for entry in resumed] == [1, 2, 3] and resumed[:2] == first
+
+    _train(fast_data, tmp_path / "third", *cache, "--max-steps", "2", "--resolution", "64")
+    assert spies.counts["vae_encode"] == 4  # other settings: not in the cache, encoded again
+
+
+def test_training_steps_run_without_t5_and_without_the_vae(tmp_path, fast_data, monkeypatch):
+    """T5 and the VAE are loaded to fill the cache; during the training steps T5 is freed, and so is the VAE unless
+    it decodes validation videos (then it waits on the CPU, off the training device)."""
+    spies = _Spies(monkeypatch)
+    _train(fast_data, tmp_path / "plain", "--max-steps", "2")
+    assert spies.counts["vae_built"] == spies.counts["t5_built"] == 1
+    assert spies.during_steps == [{"vae": None, "text_encoder": None}] * 2
+
+    spies.during_steps.clear()
+    _train(fast_data, tmp_path / "validated", "--max-steps", "2", "--validation-prompt", "a red square")
+    assert spies.during_steps == [{"vae": "cpu", "text_encoder": None}] * 2
+    assert (tmp_path / "validated" / "validation" / "step-000002.mp4").is_file()
+
+    # A complete cache (clips and the validation prompt): T5 is not loaded at all, the VAE only for validation.
+    spies.counts.update(vae_built=0, t5_built=0)
+    cache = ["--cache-dir", str(tmp_path / "validated" / "cache")]
+    _train(fast_data, tmp_path / "again", *cache, "--max-steps", "1", "--validation-prompt", "a red square")
+    assert spies.counts["t5_built"] == 0 and spies.counts["vae_built"] == 1
+
+
+def test_log_file_lora_alpha_and_progress_bar(tmp_path, fast_data, capsys):
+    from safetensors import safe_open
+
+    log_file = tmp_path / "logs" / "steps.jsonl"
+    log_file.parent.mkdir()
+    extra = ["--max-steps", "3", "--rank", "4", "--lora-alpha", "8", "--log-file", str(log_file)]
+    _train(fast_data, tmp_path / "out", *extra)
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [entry["step"] for entry in entries] == [1, 2, 3]
+    assert all(type(entry["loss"]) is float and 0 < entry["loss"] < 10 for entry in entries)
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    progress = capsys.readouterr().err
+    assert "magi-train-lora: 100%" in progress and "3/3" in progress and "loss=" in progress
+
+    with safe_open(tmp_path / "out" / "pytorch_lora_weights.safetensors", "pt") as lora:
+        metadata = json.loads(lora.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.lora_alpha"] == 8.0 and metadata["transformer.r"] == 4
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(tmp_path / "out", adapter_name="trained")
+    assert pipe.transformer.blocks[0].attn.to_q.scaling["trained"] == 2.0  # alpha / rank
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, fast_data):
+    """Accumulating 2 micro-steps of 1 clip gives the updates of batches of 2 clips: the same clips and draws (a
+    generator per sample), one optimiser step per 2 micro-steps, the loss of each step the mean of its micro-steps.
+    Exact up to float rounding here because every clip has the same number of loss chunks (one-chunk clips)."""
+    from safetensors.torch import load_file
+
+    common = ["--max-steps", "3", "--learning-rate", "1e-2", "--checkpointing-steps", "3"]
+    _train(fast_data, tmp_path / "batch", *common, "--batch-size", "2")
+    _train(fast_data, tmp_path / "accumulated", *common, "--gradient-accumulation-steps", "2")
+    batch, accumulated = _losses(tmp_path / "batch"), _losses(tmp_path / "accumulated")
+    assert [entry["step"] for entry in accumulated] == [1, 2, 3]
+    assert [entry["samples"] for entry in accumulated] == [entry["samples"] for entry in batch] == [2, 4, 6]
+    for entry, expected in zip(accumulated, batch):
+        assert entry["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    optimizer = torch.load(tmp_path / "accumulated" / "checkpoint-3" / "optimizer.bin", weights_only=True)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {3}  # 3 updates, not 6
+    lora, expected = (
+        load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("accumulated", "batch")
+    )
+    assert lora.keys() == expected.keys()
+    assert any(key.endswith("lora_B.weight") and tensor.abs().max() > 1e-3 for key, tensor in lora.items())
+    for key in lora:
+        # Compared as whole tensors: AdamW's update of an element whose gradient is ~0 is +-lr or 0 depending on float
+        # rounding (the rounding of one batched call against two single calls), so single elements may differ.
+        assert (lora[key] - expected[key]).norm() <= 1e-3 * expected[key].norm(), key
 
 
 @pytest.mark.slow

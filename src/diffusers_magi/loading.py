@@ -8,6 +8,7 @@
 Used by `magi-generate` and the example scripts.
 """
 
+import os
 from typing import Optional, Type, Union
 
 import torch
@@ -31,6 +32,8 @@ def load_pipeline(
     dtype: Optional[torch.dtype] = None,
     pipeline_class: Type[MagiPipeline] = MagiPipeline,
     device: Optional[Union[str, torch.device]] = None,
+    with_text_encoder: bool = True,
+    with_vae: bool = True,
 ) -> MagiPipeline:
     """Load a MAGI-1 pipeline of class `pipeline_class` (T2V, I2V or V2V; all share components).
 
@@ -46,25 +49,41 @@ def load_pipeline(
         device (`str` or `torch.device`, *optional*): for the original layout, the device every weight is read onto
             (one tensor at a time, so host memory holds one tensor, not the model); other sources load on the CPU
             and the caller moves them.
+        with_text_encoder (`bool`, defaults to `True`), with_vae (`bool`, defaults to `True`): `False` leaves T5 (and
+            its tokenizer) or the VAE out without loading them; such a pipeline needs `prompt_embeds` or returns
+            latents only (`magi-train-lora` with a complete latent cache).
     """
     if model == TINY_RANDOM:
         from .tiny_random import tiny_random_pipeline
 
-        pipe = tiny_random_pipeline()
+        pipe = tiny_random_pipeline(with_text_encoder=with_text_encoder, with_vae=with_vae)
         if dtype is not None:
             pipe.transformer.to(dtype)
-            pipe.vae.to(dtype)
+            if with_vae:
+                pipe.vae.to(dtype)
     elif is_original_layout(model, variant):
-        pipe = MagiPipeline.from_original(
-            model,
-            variant=variant or DEFAULT_VARIANT,
-            special_tokens=special_tokens,
-            dtype=dtype or torch.bfloat16,
-            **({"device": device} if device is not None else {}),
+        from .conversion import convert_original_components, download_original_snapshot, resolve_original_sources
+
+        variant = variant or DEFAULT_VARIANT
+        sources = resolve_original_sources(
+            model if os.path.isdir(model) else download_original_snapshot(model, variant), variant
+        )
+        pipe = MagiPipeline(
+            **convert_original_components(
+                sources.config,
+                sources.checkpoint_dir,
+                special_tokens,
+                vae_dir=sources.vae_dir if with_vae else None,
+                t5_dir=sources.t5_dir if with_text_encoder else None,
+                dtype=dtype or torch.bfloat16,
+                device=device,
+            )
         )
     else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype or torch.bfloat16)
+        # `MagiPipeline.from_pretrained`, not `DiffusionPipeline.from_pretrained`: Diffusers skips a component passed
+        # as `None` only when the class it is called on lists it in `_optional_components`.
+        left_out = {} if with_text_encoder else {"text_encoder": None, "tokenizer": None}
+        if not with_vae:
+            left_out["vae"] = None
+        pipe = MagiPipeline.from_pretrained(model, dtype=dtype or torch.bfloat16, **left_out)
     return pipe if isinstance(pipe, pipeline_class) else pipeline_class.from_pipe(pipe)
-

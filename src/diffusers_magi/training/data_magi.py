@@ -128,14 +128,34 @@ def _cache_key(clip: MagiClip, settings: Dict) -> str:
     return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def clip_cache_files(
+    clips: Sequence[MagiClip],
+    cache_dir: os.PathLike,
+    height: int,
+    width: int,
+    num_frames: int,
+    fps: int,
+    model_id: str,
+) -> List[Path]:
+    """The cache file of each clip (in clip order), whether it exists yet or not: named by a hash of the clip file
+    (path, size, modification time), its caption, the settings and `model_id`."""
+    settings = dict(height=height, width=width, num_frames=num_frames, fps=fps, model=model_id)
+    return [Path(cache_dir) / f"clip-{_cache_key(clip, settings)}.safetensors" for clip in clips]
+
+
+def prompt_cache_file(text: str, cache_dir: os.PathLike, model_id: str) -> Path:
+    """The cache file of the T5 encoding of `text` (a validation prompt) for `model_id`."""
+    key = hashlib.sha1(json.dumps(dict(model=model_id, text=text)).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"prompt-{key}.safetensors"
+
+
 @torch.no_grad()
 def encode_prompt_cached(
     pipe, text: str, cache_dir: Path, model_id: str, device: Optional[torch.device] = None
 ) -> Dict[str, torch.Tensor]:
     """`pipe.encode_prompt(text)` through the cache: `{"prompt_embeds": (L, C), "prompt_attention_mask": (L,)}`. The
     text encoder goes to `device` only when the cache lacks the prompt, and back to the CPU after."""
-    key = hashlib.sha1(json.dumps(dict(model=model_id, text=text)).encode()).hexdigest()[:16]
-    path = cache_dir / f"prompt-{key}.safetensors"
+    path = prompt_cache_file(text, cache_dir, model_id)
     if not path.is_file():
         pipe.text_encoder.to(device)
         embeds, mask = pipe.encode_prompt(text, device=device)
@@ -167,15 +187,14 @@ def encode_clips(
     valid caption tokens `(tokens, text_dim)` float32) and return the cache files, one per clip, in clip order.
 
     Two passes, so that one model at a time is on `device`: the VAE encodes the clips the cache lacks, then the text
-    encoder their captions; each goes back to the CPU after its pass (nothing moves when the cache is complete)."""
+    encoder their captions; each goes back to the CPU after its pass (neither is touched when the cache is complete,
+    so a pipeline without them reads a complete cache)."""
     from tqdm.auto import tqdm
 
     from ..pipelines.video_processing_magi import frames_to_video
 
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = dict(height=height, width=width, num_frames=num_frames, fps=fps, model=model_id)
-    files = [cache_dir / f"clip-{_cache_key(clip, settings)}.safetensors" for clip in clips]
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    files = clip_cache_files(clips, cache_dir, height, width, num_frames, fps, model_id)
     missing = [(clip, path) for clip, path in zip(clips, files) if not path.is_file()]
     if not missing:
         return files

@@ -45,7 +45,7 @@ KV cache with the "caption dropped" one (distilled sampling writes it with "capt
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -243,8 +243,21 @@ class MagiChunkwiseFlowMatching:
     # ------------------------------------------------------------------------------------------------------------
     # Batch and loss
     # ------------------------------------------------------------------------------------------------------------
+    def _draw(
+        self, shape: Tuple[int, ...], num_prefix_chunks: int, generator: Optional[torch.Generator]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random part of `prepare` for latents of `shape`: chunk positions, the dropout draw and the noise."""
+        batch_size, num_chunks = shape[0], shape[2] // self.chunk_width
+        positions = self.sample_positions(batch_size, num_chunks, num_prefix_chunks, generator)
+        draw = torch.rand(batch_size, generator=generator)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return positions, draw, noise
+
     def prepare(
-        self, latents: torch.Tensor, num_prefix_frames: int = 0, generator: Optional[torch.Generator] = None
+        self,
+        latents: torch.Tensor,
+        num_prefix_frames: int = 0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
     ) -> MagiTrainingBatch:
         """Noise a batch of clean clips.
 
@@ -256,7 +269,9 @@ class MagiChunkwiseFlowMatching:
                 prefix chunks are clean context (time `clean_t`, the sampler's prefix call); frames of a partial
                 chunk replace that chunk's noised frames while it keeps its time, as the original sampler pads a
                 video prefix into the chunks in flight.
-            generator (`torch.Generator`, *optional*): a CPU generator driving times, dropout and noise.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): a CPU generator driving times,
+                dropout and noise, or one per clip (each clip's draws are then those of a batch of that clip alone
+                with its generator, whatever the batch it is in).
         """
         if latents.ndim != 5 or latents.shape[2] % self.chunk_width:
             raise ValueError(
@@ -270,12 +285,18 @@ class MagiChunkwiseFlowMatching:
                 f"num_prefix_frames must be in [0, {num_frames}) (the latent frames of the clip): at least one frame is "
                 f"trained, got {num_prefix_frames}."
             )
-        positions = self.sample_positions(batch_size, num_chunks, num_prefix_frames // self.chunk_width, generator)
+        num_prefix_chunks = num_prefix_frames // self.chunk_width
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size:
+                raise ValueError(f"Pass one generator per clip: {len(generator)} generators for {batch_size} clips.")
+            rows = [self._draw((1, *latents.shape[1:]), num_prefix_chunks, row) for row in generator]
+            positions, draw, noise = (torch.cat(parts) for parts in zip(*rows))
+        else:
+            positions, draw, noise = self._draw(tuple(latents.shape), num_prefix_chunks, generator)
         timesteps = self.chunk_timesteps(positions)
-        draw = torch.rand(batch_size, generator=generator)
         unconditional = draw < self.unconditional_dropout
         caption_dropped = draw < self.unconditional_dropout + self.caption_dropout
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+        noise = noise.to(latents.device)
 
         clean = latents.float()
         noisy = self.add_noise(clean, noise, timesteps.to(latents.device))
@@ -363,7 +384,7 @@ class MagiChunkwiseFlowMatching:
         prompt_embeds: torch.Tensor,
         prompt_attention_mask: torch.Tensor,
         num_prefix_frames: int = 0,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         attention_kwargs: Optional[Dict] = None,
     ) -> MagiTrainingLoss:
         """Noise `latents`, run `transformer` once over all chunks (one call per group of rows sharing attention

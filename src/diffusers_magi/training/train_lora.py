@@ -5,14 +5,19 @@
     accelerate launch --multi_gpu --num_processes 4 -m diffusers_magi.training.train_lora --model ...  # data parallel
     magi-train-lora --model tiny-random --data clips/ --output out --resolution 64 --max-steps 40  # CPU smoke run
 
-Steps: check the arguments and the data (before anything heavy) -> load the pipeline -> encode every clip once into
-`--cache-dir` (latents and T5 captions; T5 is then freed and the VAE waits on the CPU) -> add a PEFT LoRA to the
-transformer -> train (`MagiChunkwiseFlowMatching`) -> write `pytorch_lora_weights.safetensors` to `--output`, which
-`pipe.load_lora_weights(output)` loads. See `docs/training.md`.
+Steps: check the arguments, the data and `--target-modules` (against a meta-device transformer built from the
+model's config) before anything is loaded -> load the transformer, T5 only when `--cache-dir` lacks a clip, and the
+VAE only then or for validation videos -> encode what the cache lacks (latents and T5 captions), then free T5 and the VAE (the VAE stays on the CPU when
+it decodes validation videos) -> add a PEFT LoRA to the transformer -> train (`MagiChunkwiseFlowMatching`) -> write
+`pytorch_lora_weights.safetensors` to `--output`, which `pipe.load_lora_weights(output)` loads. See
+`docs/training.md`.
 
-Reproducibility: the clips of each step and every random draw of the objective are functions of `--seed` and the step
-number, so resuming from a checkpoint (LoRA weights, optimizer and learning-rate state, step) continues the exact
-loss sequence of an uninterrupted run.
+Reproducibility: the LoRA's initial weights are a function of `--seed`, and the clip and the random draws of the
+objective (times, dropout, noise) of every sample are functions of `--seed` and the sample's position in the run. So
+resuming from a checkpoint (LoRA weights, optimizer and learning-rate state, step) continues the exact loss sequence of
+an uninterrupted run, and `--batch-size`, `--gradient-accumulation-steps` and the number of processes only regroup the
+same samples (accumulating 2 x 1 clip equals batches of 2 clips up to float rounding when every clip has the same
+number of loss chunks, since the loss is the mean over the loss chunks of a micro-batch).
 """
 
 import argparse
@@ -27,10 +32,12 @@ import torch
 from .data_magi import (
     check_clip_lengths,
     check_num_frames,
+    clip_cache_files,
     encode_clips,
     encode_prompt_cached,
     find_clips,
     MagiCachedClips,
+    prompt_cache_file,
 )
 from .objective_magi import CHUNK_TIME_MODES, TIME_DISTRIBUTIONS, MagiChunkwiseFlowMatching
 
@@ -154,18 +161,42 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes.") from None
 
 
-def check_target_modules(transformer, target_modules: Sequence[str]) -> None:
-    """Every `--target-modules` entry must name linear layers of the transformer (PEFT matches a name or a dotted
-    suffix of one)."""
-    linears = {
-        name for name, module in transformer.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d))
-    }
+def transformer_config(model: str, variant: Optional[str]) -> dict:
+    """The `MagiTransformer3DModel` config of `--model` / `--variant`, read without loading a weight: the tiny
+    random config, the original variant's preset, or the `transformer/config.json` of a converted folder or Hub id."""
+    from ..loading import DEFAULT_VARIANT, TINY_RANDOM, is_original_layout
+    from ..models.transformer_magi import MagiTransformer3DModel
+
+    if model == TINY_RANDOM:
+        from ..tiny_random import tiny_transformer_config
+
+        return tiny_transformer_config()
+    if is_original_layout(model, variant):
+        from ..conversion.presets import preset
+        from ..conversion.transformer import transformer_config_from_original
+
+        return transformer_config_from_original(preset(variant or DEFAULT_VARIANT))
+    return MagiTransformer3DModel.load_config(model, subfolder="transformer")
+
+
+def check_target_modules(config: dict, target_modules: Sequence[str]) -> None:
+    """Every `--target-modules` entry must name a module of the transformer of `config` (PEFT matches a name or a
+    dotted suffix of one); checked on a model built on the meta device, before any weight is loaded."""
+    from ..models.transformer_magi import MagiTransformer3DModel
+
+    with torch.device("meta"):
+        transformer = MagiTransformer3DModel.from_config(config)
+    names = [name for name, _ in transformer.named_modules()]
     for target in target_modules:
-        if not any(name == target or name.endswith(f".{target}") for name, _ in transformer.named_modules()):
-            suggestions = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            linears = {
+                name.rsplit(".", 1)[-1]
+                for name, module in transformer.named_modules()
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d))
+            }
             raise ValueError(
                 f"--target-modules: {target!r} names no module of the transformer; its linear layers are named "
-                f"{suggestions} (or a dotted path such as 'attn.to_q', 'blocks.0.ff.linear_in')."
+                f"{sorted(linears)} (or a dotted path such as 'attn.to_q', 'blocks.0.ff.linear_in')."
             )
 
 
@@ -192,6 +223,15 @@ def clip_indices(position: int, batch_size: int, num_clips: int, seed: int) -> L
         order = torch.randperm(num_clips, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         indices.append(int(order[offset]))
     return indices
+
+
+def sample_generators(position: int, batch_size: int, seed: int) -> List[torch.Generator]:
+    """One generator per sample of the batch starting at sample `position` of the run, seeded from `seed` and the
+    sample's position: a sample's noise, times and dropout do not depend on how the samples of a step are split into
+    batches, accumulation micro-steps and processes."""
+    return [
+        torch.Generator().manual_seed(seed * 1_000_003 + sample) for sample in range(position, position + batch_size)
+    ]
 
 
 def _collate(dataset: MagiCachedClips, indices: Sequence[int], device) -> dict:
@@ -227,8 +267,8 @@ base_model: {args.model}
 ---
 # MAGI-1 LoRA
 
-Trained with `magi-train-lora` (diffusers-magi) on `{args.model}`{f' ({args.variant})' if args.variant else ''}:
-rank {args.rank}, alpha {args.lora_alpha}, modules {', '.join(args.target_modules)}, {args.max_steps} steps at
+Trained with `magi-train-lora` (diffusers-magi) on `{args.model}`{f" ({args.variant})" if args.variant else ""}:
+rank {args.rank}, alpha {args.lora_alpha}, modules {", ".join(args.target_modules)}, {args.max_steps} steps at
 {args.height}x{args.width}, {args.num_frames} frames.
 
 ```py
@@ -248,6 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_args(args)
         clips = find_clips(args.data)
         check_clip_lengths(clips, args.num_frames, args.fps)
+        check_target_modules(transformer_config(args.model, args.variant), args.target_modules)
         if args.lora_alpha is None:
             args.lora_alpha = float(args.rank)
         output = Path(args.output)
@@ -275,42 +316,50 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
     )
     device = accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    model_id = f"{args.model}:{args.variant}"
+
+    # 1. Cache latents and captions. Process 0 encodes what the cache lacks (the VAE, then T5, on the accelerator only
+    # while they encode); T5 and the VAE are loaded only for that, and the VAE is kept (on the CPU) only to decode the
+    # validation videos, so a run whose cache is complete never loads T5.
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = clip_cache_files(clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id)
+    prompt_file = (
+        prompt_cache_file(args.validation_prompt, cache_dir, model_id) if args.validation_prompt is not None else None
+    )
+    cached = all(path.is_file() for path in files) and (prompt_file is None or prompt_file.is_file())
+    encodes = accelerator.is_main_process and not cached
+    validates = accelerator.is_main_process and args.validation_prompt is not None
     pipe = load_pipeline(
-        args.model, variant=args.variant, special_tokens=args.special_tokens_file, dtype=weight_dtype
+        args.model,
+        variant=args.variant,
+        special_tokens=args.special_tokens_file,
+        dtype=weight_dtype,
+        with_text_encoder=encodes,
+        with_vae=encodes or validates,
     )
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
-    check_target_modules(transformer, args.target_modules)
-    missing = [name for name in ("vae", "text_encoder", "tokenizer") if getattr(pipe, name, None) is None]
+    needed = ("vae", "text_encoder", "tokenizer") if encodes else ("vae",) if validates else ()
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
     if missing:
-        raise ValueError(f"--model {args.model!r} has no {', '.join(missing)}; training encodes the clips with them.")
-    model_id = f"{args.model}:{args.variant}"
-
-    # 1. Cache latents and captions (the VAE, then T5, on the accelerator only while they encode), then free T5.
-    cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        files = encode_clips(
-            pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device
+        raise ValueError(
+            f"--model {args.model!r} has no {', '.join(missing)}; training encodes the clips (and decodes the "
+            "validation videos) with them."
         )
-        if args.validation_prompt is not None:
+    if encodes:
+        encode_clips(pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device)
+        if prompt_file is not None:
             encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        files = encode_clips(
-            pipe, clips, cache_dir, args.height, args.width, args.num_frames, args.fps, model_id, device, False
-        )
-    validation_caption = (
-        encode_prompt_cached(pipe, args.validation_prompt, cache_dir, model_id, device)
-        if args.validation_prompt is not None
-        else None
-    )
-    pipe.register_modules(text_encoder=None, tokenizer=None)
+    validation_caption = load_file(prompt_file) if prompt_file is not None else None
+    pipe.register_modules(text_encoder=None, tokenizer=None, **({} if validates else {"vae": None}))
     dataset = MagiCachedClips(files, transformer.config.text_length)
 
     # 2. LoRA on the frozen transformer.
     transformer.requires_grad_(False)
     transformer.to(device)
+    torch.manual_seed(args.seed)  # the LoRA's initial weights: the same in every process and every run of a seed
     transformer.add_adapter(
         LoraConfig(
             r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=args.target_modules
@@ -405,9 +454,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
             micro_step = global_step * args.gradient_accumulation_steps + micro
             position = (micro_step * accelerator.num_processes + accelerator.process_index) * args.batch_size
             batch = _collate(dataset, clip_indices(position, args.batch_size, len(dataset), args.seed), device)
-            generator = torch.Generator().manual_seed(
-                (args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index
-            )
+            generators = sample_generators(position, args.batch_size, args.seed)
             with accelerator.accumulate(transformer):
                 with accelerator.autocast():
                     result = objective(
@@ -416,7 +463,7 @@ def train(args: argparse.Namespace, clips, output: Path, checkpoint: Optional[Pa
                         batch["prompt_embeds"],
                         batch["prompt_attention_mask"],
                         num_prefix_frames=args.num_prefix_frames,
-                        generator=generator,
+                        generator=generators,
                     )
                 accelerator.backward(result.loss)
                 if accelerator.sync_gradients:
