@@ -81,3 +81,35 @@ def test_keyword_overrides_are_checked_too():
         MagiTransformer3DModel.from_config({}, num_layers="2")
     with pytest.raises(TypeError, match="`fp8_layers` must be"):
         MagiTransformer3DModel.from_config({"fp8_layers": [1, "2"]})
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline") / "converted"
+    tiny_pipeline().save_pretrained(root)
+    return root
+
+
+def test_text_encoder_missing_a_tensor_fails_at_load_naming_it(saved_pipeline, tmp_path):
+    """transformers initialises a tensor the T5 folder lacks randomly (with a load report only); loading the pipeline
+    (`MagiPipeline.from_pretrained`, which `load_pipeline` uses) fails naming it instead. The complete folder, whose
+    T5 stores the tied `shared` / `encoder.embed_tokens` weight once, loads."""
+    import shutil
+
+    from diffusers_magi import MagiPipeline
+    from diffusers_magi.loading import load_pipeline
+
+    folder = tmp_path / "converted"
+    shutil.copytree(saved_pipeline, folder)
+    assert MagiPipeline.from_pretrained(folder).text_encoder is not None
+    weights = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    name = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    del tensors[name]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    message = rf"T5EncoderModel in .*text_encoder \(the pipeline's text_encoder\) lack 1 tensor\(s\) the model needs: "
+    message += rf"\['{name}'\]"
+    with pytest.raises(ValueError, match=message):
+        MagiPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(str(folder))
