@@ -186,26 +186,29 @@ def test_bad_arguments_fail_before_any_work(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("how", ["read_only_parent", "parent_is_a_file"])
 def test_an_output_that_cannot_be_created_fails_before_any_work(tmp_path, capsys, how):
-    """An output whose parent may not be written (a read-only folder, skipped as root, who may write anywhere; or a
-    path under a regular file) is one line and exit 1 before the conversion starts (so the checkpoint is never read:
-    a stand-in file serves)."""
+    """An output whose parent may not be written (a read-only folder; or a path under a regular file) is one line and
+    exit 1 before the conversion starts (so the checkpoint is never read: a stand-in file serves). Root may write
+    into a read-only folder, so there the folder's permission check is answered as for another user."""
     checkpoint = tmp_path / "dit"
     (checkpoint / weight_folder(VARIANT)).mkdir(parents=True)
     (checkpoint / weight_folder(VARIANT) / "model.safetensors").write_bytes(b"never read")
     before = digest(checkpoint)
+    real_access = access = os.access
     if how == "read_only_parent":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders; the parent_is_a_file case runs instead")
         parent = tmp_path / "locked"
         parent.mkdir()
         parent.chmod(0o555)
         message = f"Cannot write into {parent} (to create {parent / 'out'}): permission denied."
+        if os.geteuid() == 0:
+            access = lambda path, mode: os.fspath(path) != str(parent) and real_access(path, mode)  # noqa: E731
     else:
         parent = tmp_path / "notes.txt"
         parent.write_text("mine")
         message = f"Cannot create {parent / 'out'}: {parent} is a file, not a folder."
     try:
-        with mock.patch("diffusers_magi.conversion.cli.convert_original_to_diffusers") as convert:
+        with mock.patch("diffusers_magi.conversion.cli.convert_original_to_diffusers") as convert, mock.patch(
+            "diffusers_magi.conversion.hub_folder.os.access", access
+        ):
             assert run(checkpoint, parent / "out") == 1
     finally:
         parent.chmod(0o755)
