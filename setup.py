@@ -1,4 +1,32 @@
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+# Installed beside the package: Python runs it at start, and `_diffusers_magi_hook` lets
+# `DiffusionPipeline.from_pretrained` find the MAGI-1 classes without `import diffusers_magi` (see that module).
+STARTUP_FILE, STARTUP_LINE = "diffusers_magi.pth", "import _diffusers_magi_hook\n"
+
+
+class BuildPyWithStartupFile(build_py):
+    """Regular installs: the startup file goes to the top of the wheel (site-packages)."""
+
+    def run(self):
+        super().run()
+        with open(os.path.join(self.build_lib, STARTUP_FILE), "w") as file:
+            file.write(STARTUP_LINE)
+
+
+class EditableWheelWithStartupFile(editable_wheel):
+    """`pip install -e`: setuptools builds the editable wheel without build_py's outputs, so the startup file is added
+    to the wheel's top folder here (the step that fills it with the project's own .pth files)."""
+
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        with open(os.path.join(installation_dir, STARTUP_FILE), "w") as file:
+            file.write(STARTUP_LINE)
+
 
 setup(
     name="diffusers-magi",
@@ -9,6 +37,8 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    py_modules=["_diffusers_magi_hook"],
+    cmdclass={"build_py": BuildPyWithStartupFile, "editable_wheel": EditableWheelWithStartupFile},
     python_requires=">=3.10",
     # torch is deliberately unpinned here: install the build you want first (see README); a range that the
     # installed torch satisfies makes pip leave it alone.

@@ -90,15 +90,23 @@ def test_frame_count_table_matches_the_pipelines():
         assert counts == expected, f"num_frames={num_frames}: pipelines give {counts}, the docs say {expected}"
 
 
-def test_saved_folder_loads_in_a_fresh_process(tmp_path):
-    """A folder saved by `save_pretrained` loads with `DiffusionPipeline.from_pretrained` in a new process that only
-    imports the package (Diffusers never imports a library because a folder names it: see troubleshooting.md)."""
+def test_saved_folder_loads_in_a_fresh_process_that_imports_only_diffusers(tmp_path):
+    """A folder saved by `save_pretrained` loads with `DiffusionPipeline.from_pretrained` in a new process that never
+    imports `diffusers_magi` by hand: the installed `diffusers_magi.pth` hook resolves the class name (and importing
+    Diffusers alone does not import the package)."""
     tiny_random_pipeline().save_pretrained(str(tmp_path / "tiny"))
     result = _run(
         sys.executable,
         "-c",
-        "import diffusers_magi\nfrom diffusers import DiffusionPipeline\n"
+        "import sys\nfrom diffusers import DiffusionPipeline\nprint('before', 'diffusers_magi' in sys.modules)\n"
         f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'tiny')!r})\nprint(type(pipe).__name__)",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-1] == "MagiPipeline"
+    assert result.stdout.split()[-3:] == ["before", "False", "MagiPipeline"], result.stdout
+
+
+def test_startup_hook_names_every_public_class():
+    import _diffusers_magi_hook
+    import diffusers_magi
+
+    assert _diffusers_magi_hook.CLASS_NAMES == set(diffusers_magi.__all__)
