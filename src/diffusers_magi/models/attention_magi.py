@@ -6,16 +6,21 @@ chunk-causal: the queries of a chunk attend to every token of their own chunk an
 chunks, never to later ones. Earlier chunks that are not part of the window come from a `MagiKVCache`.
 Cross-attention is per chunk: the queries of a chunk attend to the valid caption tokens of that chunk (padding masked).
 
-Both are computed by looping over query chunks and calling Diffusers' `dispatch_attention_fn` without a mask on the
-exact key range of each chunk. This is the fastest form on CPU, the natural form for a KV cache, and it runs on every
-attention backend (flash attention included), since none of them accepts per-block key ranges as a mask.
+Self-attention has two forms, equal to float rounding. The per-chunk loop calls Diffusers' `dispatch_attention_fn`
+without a mask on the exact key range of each chunk: the fastest form, and it runs on every attention backend (flash
+attention included, which accepts no mask). The chunks-as-batch form makes each chunk a batch row that attends to all
+keys through a key-padding mask: one attention call whose graph does not depend on the number of chunks or on chunk
+indices, which is what lets `torch.compile` trace one graph for every window (it needs PyTorch SDPA, which applies
+masks, and does the masked keys' work too). By default a traced call uses the chunks-as-batch form and an eager call
+the loop; `MagiTransformer3DModel.set_chunk_attention` picks one for both (e.g. to compare a compiled run with an
+eager one bit for bit). Cross-attention is one call with a key-padding mask on the masking backends.
 
 Under context parallelism (`context_parallel_magi`) a process holds a slice of the call's tokens: self-attention
 exchanges it for a head group over all tokens, cross-attention and the per-chunk gates work on the local slice.
 """
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -83,26 +88,50 @@ class ChunkAttentionLayout:
 
     Chunks are numbered from the start of the video (absolute indices). The call holds the chunks
     `first_chunk_index ... first_chunk_index + num_chunks - 1`; chunk `c` attends to chunks
-    `attention_chunk_starts[c - first_chunk_index] ... c`. Chunks before `first_chunk_index` are read from the KV
-    cache. The first `num_chunks_to_cache` chunks of the call are written to the cache.
+    `attention_chunk_starts[c - first_chunk_index] ... c` (one int: the same start for every chunk, and `num_chunks`
+    must be given). Chunks before `first_chunk_index` are read from the KV cache. The first `num_chunks_to_cache`
+    chunks of the call are written to the cache.
 
     Under context parallelism, `shards` says which slice of the call's tokens this process holds (`None`: all).
+
+    Set at construction, so that compiled code never reads the per-chunk tuple (whose length and values
+    `torch.compile` would specialise on): `num_chunks`, `num_cached_chunks` (plain ints) and `key_start_offsets`
+    (`None` when every chunk attends from the first cached chunk on, else a `(num_chunks,)` int64 tensor: the first
+    key token of each chunk's range).
     """
 
     tokens_per_chunk: int
     first_chunk_index: int
-    attention_chunk_starts: Tuple[int, ...]
+    attention_chunk_starts: Union[int, Tuple[int, ...]]
     num_chunks_to_cache: int = 0
     shards: Optional[SequenceShards] = None
+    num_chunks: Optional[int] = None
+    num_cached_chunks: int = field(init=False)
+    key_start_offsets: Optional[torch.Tensor] = field(init=False, compare=False)
 
-    @property
-    def num_chunks(self) -> int:
-        return len(self.attention_chunk_starts)
+    def __post_init__(self):
+        starts = self.attention_chunk_starts
+        if isinstance(starts, int):
+            if self.num_chunks is None:
+                raise ValueError("num_chunks is required when attention_chunk_starts is one int.")
+            first_cached_chunk, offsets = min(starts, self.first_chunk_index), None
+        else:
+            object.__setattr__(self, "num_chunks", len(starts))
+            first_cached_chunk = min(min(starts), self.first_chunk_index)
+            offsets = [(start - first_cached_chunk) * self.tokens_per_chunk for start in starts]
+            offsets = torch.tensor(offsets) if any(offsets) else None
+        object.__setattr__(self, "num_cached_chunks", self.first_chunk_index - first_cached_chunk)
+        object.__setattr__(self, "key_start_offsets", offsets)
 
     @property
     def first_cached_chunk(self) -> int:
         """Earliest chunk read from the cache (`first_chunk_index` when nothing is read)."""
-        return min(min(self.attention_chunk_starts), self.first_chunk_index)
+        return self.first_chunk_index - self.num_cached_chunks
+
+    def chunk_start(self, chunk: int) -> int:
+        """Earliest chunk that chunk `chunk` (0-based within the call) attends to."""
+        starts = self.attention_chunk_starts
+        return starts if isinstance(starts, int) else starts[chunk]
 
     def local_chunk_segments(self) -> Tuple[Tuple[int, int, int], ...]:
         """`(chunk, start, end)` for each chunk (0-based within the call) with tokens in this process's slice:
@@ -120,9 +149,16 @@ class ChunkAttentionLayout:
     def key_token_range(self, chunk: int) -> Tuple[int, int]:
         """Token range `[start, end)` of the keys of chunk `chunk` (0-based within the call), in the concatenation
         `[cached chunks from first_cached_chunk ; chunks of the call]`."""
-        start = (self.attention_chunk_starts[chunk] - self.first_cached_chunk) * self.tokens_per_chunk
+        start = (self.chunk_start(chunk) - self.first_cached_chunk) * self.tokens_per_chunk
         end = (self.first_chunk_index - self.first_cached_chunk + chunk + 1) * self.tokens_per_chunk
         return start, end
+
+
+def compact_attention_starts(starts: Sequence[int]) -> Union[int, Tuple[int, ...]]:
+    """`attention_chunk_starts` as one int when every chunk has the same start (the form `torch.compile` traces
+    without specialising on the number of chunks), else as a tuple."""
+    starts = tuple(starts)
+    return starts[0] if starts and all(start == starts[0] for start in starts) else starts
 
 
 def _attention_inputs(
@@ -143,12 +179,16 @@ def _attention_inputs(
     return query.float(), key.float(), value.float(), backend
 
 
+CHUNK_ATTENTION_FORMS = ("per_chunk", "chunks_as_batch")
+
+
 def chunk_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     layout: ChunkAttentionLayout,
     backend=None,
+    form: Optional[str] = None,
 ) -> torch.Tensor:
     """Self-attention of each query chunk over its own key range.
 
@@ -156,13 +196,35 @@ def chunk_causal_attention(
         query (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`)
         key, value (`torch.Tensor` of shape `(batch, key_tokens, kv_heads, head_dim)`):
             cached chunks followed by the chunks of the call, as described by `layout.key_token_range`.
+        form (`str`, *optional*): `"per_chunk"` or `"chunks_as_batch"` (see the module docstring); by default the
+            chunks-as-batch form while `torch.compile` traces on a masking backend, the per-chunk loop otherwise.
     Returns:
         `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`.
     """
-    tokens = layout.tokens_per_chunk
     enable_gqa = query.shape[2] != key.shape[2]
     dtype = query.dtype
     query, key, value, backend = _attention_inputs(query, key, value, backend)
+    if form is None:
+        form = "chunks_as_batch" if torch.compiler.is_compiling() and _applies_sdpa_masks(backend) else "per_chunk"
+    if form == "chunks_as_batch":
+        if not _applies_sdpa_masks(backend):
+            raise ValueError(
+                f"The chunks-as-batch self-attention needs a backend that applies masks (PyTorch SDPA: native, "
+                f"_native_math, _native_efficient), not {AttentionBackendName(backend or _active_backend()).value!r}; "
+                "use set_chunk_attention('per_chunk') or set_chunk_attention(None) with this backend."
+            )
+        return _chunks_as_batch_attention(query, key, value, layout, enable_gqa, backend).to(dtype)
+    return _per_chunk_attention(query, key, value, layout, enable_gqa, backend).to(dtype)
+
+
+def _active_backend():
+    return _AttentionBackendRegistry.get_active_backend()[0]
+
+
+def _per_chunk_attention(query, key, value, layout: ChunkAttentionLayout, enable_gqa, backend) -> torch.Tensor:
+    """`chunk_causal_attention` as a loop over query chunks, each on its exact key range without a mask (any
+    backend)."""
+    tokens = layout.tokens_per_chunk
     outputs = []
     for chunk in range(layout.num_chunks):
         key_start, key_end = layout.key_token_range(chunk)
@@ -175,7 +237,50 @@ def chunk_causal_attention(
                 backend=backend,
             )
         )
-    return torch.cat(outputs, dim=1).to(dtype)
+    return torch.cat(outputs, dim=1)
+
+
+def _chunks_as_batch_attention(query, key, value, layout: ChunkAttentionLayout, enable_gqa, backend) -> torch.Tensor:
+    """`chunk_causal_attention` with the chunks as batch rows: each row attends to all keys through a key-padding
+    mask that ends at its own chunk (and starts at its `layout.key_start_offsets`). Only tensor shapes and data
+    describe the window, so `torch.compile` traces one graph for every window width and chunk index. The keys and
+    values are copied once per chunk of the call.
+
+    Args:
+        query (`torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`)
+        key, value (`torch.Tensor` of shape `(batch, key_tokens, kv_heads, head_dim)`): cached chunks, then the call's.
+    Returns:
+        `torch.Tensor` of the shape of `query`.
+    """
+    tokens = layout.tokens_per_chunk
+    batch_size, query_tokens = query.shape[:2]
+    key_tokens = key.shape[1]
+    num_chunks = query_tokens // tokens
+    positions = torch.arange(key_tokens, device=query.device)
+    ends = torch.arange(1, num_chunks + 1, device=query.device) * tokens + (key_tokens - query_tokens)
+    mask = positions < ends[:, None]  # (chunks, keys)
+    if layout.key_start_offsets is not None:
+        mask = mask & (positions >= layout.key_start_offsets.to(query.device)[:, None])
+    rows = batch_size * num_chunks
+    mask = mask[None].expand(batch_size, -1, -1).reshape(rows, 1, 1, key_tokens)
+
+    def per_chunk(tensor):
+        return tensor[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(rows, key_tokens, *tensor.shape[2:])
+
+    output = dispatch_attention_fn(
+        query.reshape(rows, tokens, *query.shape[2:]),
+        per_chunk(key),
+        per_chunk(value),
+        attn_mask=mask,
+        enable_gqa=enable_gqa,
+        backend=backend,
+    )
+    return output.reshape(batch_size, query_tokens, *output.shape[2:])
+
+
+def _applies_sdpa_masks(backend) -> bool:
+    """Whether `backend` (`None`: the active one) is PyTorch SDPA, which applies any boolean mask."""
+    return AttentionBackendName(backend or _active_backend()).value in ("native", "_native_math", "_native_efficient")
 
 
 def _takes_key_padding_mask(backend) -> bool:
@@ -274,6 +379,7 @@ class MagiAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    _chunk_attention = None  # the self-attention form (`chunk_causal_attention`), set by `set_chunk_attention`
 
     def __call__(
         self,
@@ -303,11 +409,13 @@ class MagiAttnProcessor:
             kv_cache.write(
                 layout.first_chunk_index, key[:, :cached_tokens], value[:, :cached_tokens], layout.num_chunks_to_cache
             )
-        if layout.first_cached_chunk < layout.first_chunk_index:
+        if layout.num_cached_chunks:
             cached_key, cached_value = kv_cache.read(layout.first_cached_chunk, layout.first_chunk_index, key.device)
             key = torch.cat([cached_key, key], dim=1)
             value = torch.cat([cached_value, value], dim=1)
-        self_attention = chunk_causal_attention(query, key, value, layout, backend=self._attention_backend)
+        self_attention = chunk_causal_attention(
+            query, key, value, layout, backend=self._attention_backend, form=self._chunk_attention
+        )
         del query, key, value  # tensors of the size of the call are freed as soon as they are dead
         if layout.shards is not None:
             self_attention = scatter_sequence_gather_heads(self_attention, layout.shards, group)

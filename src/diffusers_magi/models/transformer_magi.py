@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput, apply_lora_scale
 
 from ..loaders.peft_magi import MagiPeftAdapterMixin
 from ..placement import check_device_map
-from .attention_magi import ChunkAttentionLayout, MagiAttention, MagiLayerNorm
+from .attention_magi import CHUNK_ATTENTION_FORMS, ChunkAttentionLayout, MagiAttention, MagiLayerNorm
 from .cache_hooks_magi import register_cache_hooks
 from .context_parallel_magi import check_context_parallel_config, context_parallel_config, sequence_shards
 from .fp8_linear_magi import MagiFp8Linear
@@ -532,6 +532,18 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         register_cache_hooks()
         super().enable_cache(config)
 
+    def set_chunk_attention(self, form: Optional[str]) -> None:
+        r"""How self-attention is computed (see `attention_magi`): `"per_chunk"` (a loop over the chunks of a call,
+        each on its exact key range; any backend), `"chunks_as_batch"` (one call, the chunks as batch rows with a
+        key-padding mask; needs PyTorch SDPA, does the masked keys' work too, and traces one `torch.compile` graph for
+        every window), or `None` (the default: chunks as batch while `torch.compile` traces, the loop otherwise).
+        The two forms agree to float rounding; setting one makes a compiled run equal an eager one bit for bit."""
+        if form is not None and form not in CHUNK_ATTENTION_FORMS:
+            raise ValueError(f"form must be None or one of {CHUNK_ATTENTION_FORMS}, got {form!r}.")
+        for module in self.modules():
+            if isinstance(module, MagiAttention):
+                module.processor._chunk_attention = form
+
     def enable_parallelism(self, *, config, cp_plan=None):
         r"""Diffusers' `enable_parallelism`: Ulysses context parallelism with `ContextParallelConfig(ulysses_degree=P)`
         (run every process with the same inputs; each computes `1 / P` of the tokens and the output is gathered on
@@ -547,7 +559,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor,
         first_chunk_index: int = 0,
-        attention_chunk_starts: Optional[Sequence[int]] = None,
+        attention_chunk_starts: Optional[Union[int, Sequence[int]]] = None,
         kv_cache: Optional[MagiKVCache] = None,
         num_chunks_to_cache: int = 0,
         caption_dropped: Union[bool, torch.Tensor] = False,
@@ -570,9 +582,10 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
             first_chunk_index (`int`, defaults to 0): index, counted from the start of the video, of the first chunk
                 of `hidden_states`. It positions the window in time (rotary embedding) and names the chunks in the
                 KV cache.
-            attention_chunk_starts (`Sequence[int]`, *optional*): for each chunk of the window, the index of the
-                earliest chunk its queries attend to; they attend to every chunk from there up to and including
-                their own. Chunks before `first_chunk_index` are read from `kv_cache`. Defaults to
+            attention_chunk_starts (`int` or `Sequence[int]`, *optional*): for each chunk of the window, the index of
+                the earliest chunk its queries attend to (one int: the same for every chunk, which `torch.compile`
+                traces without specialising on the number of chunks); they attend to every chunk from there up to and
+                including their own. Chunks before `first_chunk_index` are read from `kv_cache`. Defaults to
                 `first_chunk_index` for every chunk (causal within the window, nothing from the cache).
             kv_cache (`MagiKVCache`, *optional*): keys/values of earlier clean chunks.
             num_chunks_to_cache (`int`, defaults to 0): the first `num_chunks_to_cache` chunks of the window are
@@ -608,8 +621,9 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
             ),
             num_chunks_to_cache=num_chunks_to_cache,
             shards=sequence_shards(cp_config, num_chunks * tokens_per_chunk) if cp_config is not None else None,
+            num_chunks=num_chunks,
         )
-        if layout.first_cached_chunk < first_chunk_index and kv_cache is None:
+        if layout.num_cached_chunks and kv_cache is None:
             raise ValueError(
                 f"attention_chunk_starts reach back to chunk {layout.first_cached_chunk}, before first_chunk_index "
                 f"({first_chunk_index}); pass the `kv_cache` that holds those chunks."
@@ -746,10 +760,17 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
 
     @staticmethod
     def _check_attention_chunk_starts(
-        attention_chunk_starts: Optional[Sequence[int]], first_chunk_index: int, num_chunks: int
-    ) -> Tuple[int, ...]:
+        attention_chunk_starts: Optional[Union[int, Sequence[int]]], first_chunk_index: int, num_chunks: int
+    ) -> Union[int, Tuple[int, ...]]:
         if attention_chunk_starts is None:
-            return (first_chunk_index,) * num_chunks
+            return first_chunk_index
+        if isinstance(attention_chunk_starts, int):
+            if not 0 <= attention_chunk_starts <= first_chunk_index:
+                raise ValueError(
+                    f"attention_chunk_starts = {attention_chunk_starts} is invalid for a call whose first chunk is "
+                    f"{first_chunk_index}: one int is the start of every chunk, 0 <= start <= first_chunk_index."
+                )
+            return attention_chunk_starts
         starts = tuple(int(start) for start in attention_chunk_starts)
         if len(starts) != num_chunks:
             raise ValueError(f"attention_chunk_starts has {len(starts)} entries for {num_chunks} chunks.")

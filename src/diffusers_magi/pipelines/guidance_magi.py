@@ -27,7 +27,7 @@ ever compares a call with earlier calls of the same window and branch (the same 
 
 import math
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence, Tuple
+from typing import Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -133,7 +133,7 @@ class MagiGuidance:
         negative_prompt_embeds: torch.Tensor,
         negative_prompt_attention_mask: torch.Tensor,
         first_chunk_index: int,
-        attention_chunk_starts: Sequence[int],
+        attention_chunk_starts: Union[int, Sequence[int]],
         kv_cache: Optional[MagiKVCache] = None,
         num_clean_chunks: int = 0,
         step_size: Optional[float] = None,
@@ -240,7 +240,7 @@ class MagiGuidance:
         negative_prompt_embeds: torch.Tensor,
         negative_prompt_attention_mask: torch.Tensor,
         first_chunk_index: int,
-        attention_chunk_starts: Sequence[int],
+        attention_chunk_starts: Union[int, Sequence[int]],
         kv_cache: MagiKVCache,
         step_size: Optional[float] = None,
         attention_kwargs: Optional[dict] = None,
@@ -308,7 +308,9 @@ class MagiGuidance:
         # Append a copy of the first denoised chunk that attends only to itself.
         first_frames = slice(first * chunk_frames, (first + 1) * chunk_frames)
         appended_index = call["first_chunk_index"] + num_chunks
-        call = dict(call, attention_chunk_starts=[*call["attention_chunk_starts"], appended_index])
+        starts = call["attention_chunk_starts"]
+        starts = (starts,) * num_chunks if isinstance(starts, int) else tuple(starts)
+        call = dict(call, attention_chunk_starts=(*starts, appended_index))
         with window_cache_context(transformer, window, "distilled+alone"):
             velocity = transformer(
                 torch.cat([latents, latents[:, :, first_frames]], dim=2),

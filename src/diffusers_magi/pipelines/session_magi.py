@@ -28,6 +28,7 @@ import torch
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.attention_magi import compact_attention_starts
 from ..models.cache_hooks_magi import copy_step_cache_contexts, forget_step_cache_contexts, window_cache_context
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiLearnedTokens
@@ -448,7 +449,7 @@ class MagiSession:
         negative = _expand_chunks(*self._negative, call.num_chunks)
         common = dict(
             first_chunk_index=call.first_chunk,
-            attention_chunk_starts=call.attention_starts,
+            attention_chunk_starts=compact_attention_starts(call.attention_starts),
             kv_cache=self._cache,
             step_size=plan.shortcut_step_size(call) if transformer.config.step_size_conditioning else None,
             attention_kwargs=self.settings.attention_kwargs,
@@ -578,7 +579,7 @@ class MagiSession:
                 timestep,
                 *captions,
                 first_chunk_index=chunks[0],
-                attention_chunk_starts=list(attention_starts),
+                attention_chunk_starts=compact_attention_starts(attention_starts),
                 kv_cache=self._cache,
                 num_chunks_to_cache=len(chunks),
                 caption_dropped=False,
