@@ -91,10 +91,13 @@ def saved_pipeline(tmp_path_factory):
 
 
 def test_text_encoder_missing_a_tensor_fails_at_load_naming_it(saved_pipeline, tmp_path):
-    """transformers initialises a tensor the T5 folder lacks randomly (with a load report only); loading the pipeline
-    (`MagiPipeline.from_pretrained`, which `load_pipeline` uses) fails naming it instead. The complete folder, whose
-    T5 stores the tied `shared` / `encoder.embed_tokens` weight once, loads."""
+    """transformers initialises a tensor the T5 folder lacks randomly (with a load report only); building the
+    pipeline from it (`MagiPipeline.from_pretrained`, which `load_pipeline` uses, and `DiffusionPipeline.from_pretrained`)
+    fails naming it instead. The complete folder, whose T5 stores the tied `shared` / `encoder.embed_tokens` weight
+    once, loads."""
     import shutil
+
+    from diffusers import DiffusionPipeline
 
     from diffusers_magi import MagiPipeline
     from diffusers_magi.loading import load_pipeline
@@ -113,3 +116,5 @@ def test_text_encoder_missing_a_tensor_fails_at_load_naming_it(saved_pipeline, t
         MagiPipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match=message):
         load_pipeline(str(folder))
+    with pytest.raises(ValueError, match=message):
+        DiffusionPipeline.from_pretrained(folder)

@@ -10,7 +10,6 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from ..models.loading_checks_magi import check_transformers_weights
 from ..placement import check_device, check_device_map
 
 
@@ -20,12 +19,9 @@ class MagiOffloadingMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         r"""`DiffusionPipeline.from_pretrained`; `device_map="balanced"` (with `max_memory` per GPU) places whole
-        components on GPUs. A `device_map` or `max_memory` naming a device this machine lacks is a `ValueError`, and
-        so is a text encoder folder that lacks a tensor (`check_transformers_weights`)."""
+        components on GPUs. A `device_map` or `max_memory` naming a device this machine lacks is a `ValueError`."""
         check_device_map(kwargs.get("device_map"), kwargs.get("max_memory"))
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        check_transformers_weights(pipe.components)
-        return pipe
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device: Union[torch.device, str, None] = None):
         r"""Diffusers' model offloading (`text_encoder -> transformer -> vae`, each moved to `device` while it runs).

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 from ..conversion.pipeline import load_original_components
 from ..loaders.lora_magi import MagiLoraLoaderMixin
 from ..models.autoencoder_magi import AutoencoderMagi
+from ..models.loading_checks_magi import check_transformers_weights
 from ..models.transformer_magi import MagiTransformer3DModel
 from ..models.weight_alignment import own_cpu_weights
 from ..placement import check_device
@@ -105,6 +106,9 @@ class MagiPipeline(MagiOffloadingMixin, DiffusionPipeline, MagiLoraLoaderMixin):
     ):
         super().__init__()
         if text_encoder is not None:
+            # transformers initialises a tensor its folder lacks randomly (a load report only): refuse that here, so
+            # that every way of building the pipeline from a folder (Diffusers' loaders included) names it.
+            check_transformers_weights({"text_encoder": text_encoder})
             # Our models align their weights when loaded; transformers' loader may leave the encoder's as views into a
             # memory-mapped file, whose alignment changes CPU results in the last bits (see `own_cpu_weights`).
             own_cpu_weights(text_encoder)
