@@ -9,13 +9,17 @@ from setuptools.command.editable_wheel import editable_wheel
 STARTUP_FILE, STARTUP_LINE = "diffusers_magi.pth", "import _diffusers_magi_hook\n"
 
 
+def write_startup_file(folder):
+    with open(os.path.join(folder, STARTUP_FILE), "w") as file:
+        file.write(STARTUP_LINE)
+
+
 class BuildPyWithStartupFile(build_py):
     """Regular installs: the startup file goes to the top of the wheel (site-packages)."""
 
     def run(self):
         super().run()
-        with open(os.path.join(self.build_lib, STARTUP_FILE), "w") as file:
-            file.write(STARTUP_LINE)
+        write_startup_file(self.build_lib)
 
 
 class EditableWheelWithStartupFile(editable_wheel):
@@ -24,8 +28,7 @@ class EditableWheelWithStartupFile(editable_wheel):
 
     def _install_namespaces(self, installation_dir, pth_prefix):
         super()._install_namespaces(installation_dir, pth_prefix)
-        with open(os.path.join(installation_dir, STARTUP_FILE), "w") as file:
-            file.write(STARTUP_LINE)
+        write_startup_file(installation_dir)
 
 
 setup(

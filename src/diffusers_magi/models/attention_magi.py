@@ -161,6 +161,11 @@ def compact_attention_starts(starts: Sequence[int]) -> Union[int, Tuple[int, ...
     return starts[0] if starts and all(start == starts[0] for start in starts) else starts
 
 
+def _active_backend():
+    """The backend Diffusers' `dispatch_attention_fn` uses when none is named."""
+    return _AttentionBackendRegistry.get_active_backend()[0]
+
+
 def _attention_inputs(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend=None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[AttentionBackendName]]:
@@ -172,8 +177,7 @@ def _attention_inputs(
     over its key range at once. Other devices, float32 inputs and other backends are left as they are."""
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return query, key, value, backend
-    if backend is None:
-        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    backend = backend or _active_backend()
     if AttentionBackendName(backend) == AttentionBackendName.NATIVE:
         backend = AttentionBackendName._NATIVE_MATH
     return query.float(), key.float(), value.float(), backend
@@ -215,10 +219,6 @@ def chunk_causal_attention(
             )
         return _chunks_as_batch_attention(query, key, value, layout, enable_gqa, backend).to(dtype)
     return _per_chunk_attention(query, key, value, layout, enable_gqa, backend).to(dtype)
-
-
-def _active_backend():
-    return _AttentionBackendRegistry.get_active_backend()[0]
 
 
 def _per_chunk_attention(query, key, value, layout: ChunkAttentionLayout, enable_gqa, backend) -> torch.Tensor:
@@ -287,9 +287,7 @@ def _takes_key_padding_mask(backend) -> bool:
     """Whether `backend` (`None`: the active one) applies a boolean key-padding mask: PyTorch SDPA and the varlen
     kernels (which turn the mask into sequence lengths) do; flash, sage and the fused `_native_flash` reject masks,
     xformers ignores boolean ones."""
-    if backend is None:
-        backend = _AttentionBackendRegistry.get_active_backend()[0]
-    name = AttentionBackendName(backend).value
+    name = AttentionBackendName(backend or _active_backend()).value
     return name in ("native", "_native_math", "_native_efficient", "_native_cudnn") or "varlen" in name
 
 
