@@ -19,6 +19,15 @@ REFERENCE_DIR = reference_root()
 FULL_REFERENCE = REFERENCE_DIR == FULL_REFERENCE_DIR
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--magi1-original",
+        metavar="PATH",
+        help="a checkout of the original MAGI-1 code (SandAI-org/MAGI-1) for tests/test_bench_vs_original.py "
+        "(default: ../MAGI-1 beside the repository)",
+    )
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE_DIR
