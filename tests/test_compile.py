@@ -75,8 +75,9 @@ def _compile_whole_model(pipe):
         (_compile_blocks, {}),
         (_compile_blocks, dict(guidance_mode="distilled", kv_cache_device="cpu")),
         (_compile_whole_model, {}),
+        (_compile_whole_model, dict(guidance_mode="distilled")),
     ],
-    ids=["blocks-base", "blocks-distilled-cache-on-cpu", "whole-model-base"],
+    ids=["blocks-base", "blocks-distilled-cache-on-cpu", "whole-model-base", "whole-model-distilled"],
 )
 def test_a_longer_video_compiles_no_more_graphs_and_equals_eager(compile_transformer, guidance):
     graphs = {}
@@ -92,11 +93,12 @@ def test_a_longer_video_compiles_no_more_graphs_and_equals_eager(compile_transfo
 
 @pytest.mark.slow
 def test_whole_model_compile_distilled_with_offloaded_cache_equals_eager():
-    """The distilled pass of a nearly clean chunk appends a copy that attends only to itself: per-chunk starts, which
-    the whole-model graph specialises on (one graph per window width, still within the default limit)."""
+    """With the default forms (the per-chunk loop eagerly, chunks as batch rows traced), distilled guidance with its
+    nearly-clean pass (a copy of the chunk attending only to itself, in a call of its own) and the KV cache on the
+    CPU."""
     pipe = tiny_pipeline(with_vae=False)
     kwargs = dict(guidance_mode="distilled", kv_cache_device="cpu")
-    eager = _generate(pipe, 4, **kwargs)  # the default forms: the per-chunk loop eagerly, chunks as batch traced
+    eager = _generate(pipe, 4, **kwargs)
     compiled, graphs, breaks = _compiled_graphs(pipe, _compile_whole_model, 4, **kwargs)
     assert breaks == 0 and graphs <= DEFAULT_RECOMPILE_LIMIT
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())  # forms agree

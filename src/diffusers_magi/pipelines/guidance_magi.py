@@ -9,8 +9,9 @@ Base checkpoints use *three-branch* guidance. Per call the transformer runs
 and each chunk's velocity is `(1 - p) * v3 + (p - s) * v2 + s * v1`, with `p` (`prev_chunk_scales`) and `s`
 (`text_scales`) taken from the noise band the chunk is in (`cfg_t_range`).
 
-Distilled checkpoints use one conditional pass. When the first denoised chunk is nearly clean, a copy of it is
-appended that sees only itself, and that chunk's velocity is `w * v + (1 - w) * v_alone` (`nearly_clean_weight`).
+Distilled checkpoints use one conditional pass. When the first denoised chunk is nearly clean, a copy of it placed
+after the window runs in a call of its own that sees only itself, and that chunk's velocity is
+`w * v + (1 - w) * v_alone` (`nearly_clean_weight`).
 
 A call may start with clean chunks (`num_clean_chunks`): a chunk that just finished is run once more at the clean
 time so that its keys/values enter the cache. They see no caption and their output is not returned.
@@ -292,39 +293,38 @@ class MagiGuidance:
         chunk_frames = latents.shape[2] // num_chunks
         clean_frames = num_clean_chunks * chunk_frames
         first = num_clean_chunks  # the first denoised chunk
-        nearly_clean = float(timestep[0, first]) > self.nearly_clean_threshold
-        if not nearly_clean:
-            with window_cache_context(transformer, window, "distilled"):
-                return transformer(
-                    latents,
-                    timestep,
-                    prompt_embeds,
-                    prompt_attention_mask,
-                    caption_dropped=False,
-                    num_chunks_to_cache=num_clean_chunks,
-                    **call,
-                ).sample[:, :, clean_frames:]
-
-        # Append a copy of the first denoised chunk that attends only to itself.
-        first_frames = slice(first * chunk_frames, (first + 1) * chunk_frames)
-        appended_index = call["first_chunk_index"] + num_chunks
-        starts = call["attention_chunk_starts"]
-        starts = (starts,) * num_chunks if isinstance(starts, int) else tuple(starts)
-        call = dict(call, attention_chunk_starts=(*starts, appended_index))
-        with window_cache_context(transformer, window, "distilled+alone"):
+        with window_cache_context(transformer, window, "distilled"):
             velocity = transformer(
-                torch.cat([latents, latents[:, :, first_frames]], dim=2),
-                torch.cat([timestep, timestep[:, first : first + 1]], dim=1),
-                torch.cat([prompt_embeds, prompt_embeds[:, first : first + 1]], dim=1),
-                torch.cat([prompt_attention_mask, prompt_attention_mask[:, first : first + 1]], dim=1),
+                latents,
+                timestep,
+                prompt_embeds,
+                prompt_attention_mask,
                 caption_dropped=False,
                 num_chunks_to_cache=num_clean_chunks,
                 **call,
+            ).sample[:, :, clean_frames:]
+        if float(timestep[0, first]) <= self.nearly_clean_threshold:
+            return velocity
+
+        # The first denoised chunk is nearly clean: a copy of it that attends only to itself, placed after the
+        # window (its own call, so every call keeps one attention start for all its chunks).
+        first_frames = slice(clean_frames, clean_frames + chunk_frames)
+        appended_index = call["first_chunk_index"] + num_chunks
+        with window_cache_context(transformer, window, "alone"):
+            alone = transformer(
+                latents[:, :, first_frames],
+                timestep[:, first : first + 1],
+                prompt_embeds[:, first : first + 1],
+                prompt_attention_mask[:, first : first + 1],
+                caption_dropped=False,
+                first_chunk_index=appended_index,
+                attention_chunk_starts=appended_index,
+                step_size=call["step_size"],
+                attention_kwargs=call["attention_kwargs"],
             ).sample
-        velocity, alone = velocity[:, :, : num_chunks * chunk_frames], velocity[:, :, num_chunks * chunk_frames :]
         weight = self.nearly_clean_weight
-        blended = velocity[:, :, first_frames] * weight + alone * (1 - weight)
-        return torch.cat([blended, velocity[:, :, (first + 1) * chunk_frames :]], dim=2)
+        blended = velocity[:, :, :chunk_frames] * weight + alone * (1 - weight)
+        return torch.cat([blended, velocity[:, :, chunk_frames:]], dim=2)
 
 
 def _cache_window(transformer, cache_window, first_chunk_index: int, num_chunks: int, num_clean_chunks: int):
