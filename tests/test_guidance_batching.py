@@ -73,7 +73,8 @@ def test_branch_view_reads_for_every_branch_and_writes_one():
 
 def test_pipeline_argument_chooses_batched_or_one_by_one_passes():
     """`batch_guidance_branches` reaches the guidance: two transformer calls per denoising step batched, three one by
-    one, the same video (within 1e-6 of its scale); a non-bool is refused before any work."""
+    one, the same video (within 1e-6 of its scale); a non-bool is refused before any work. (Scales without a zero
+    weight, so that every step runs every pass.)"""
     import pytest
 
     from .tiny_models import tiny_pipeline
@@ -81,7 +82,10 @@ def test_pipeline_argument_chooses_batched_or_one_by_one_passes():
     pipe = tiny_pipeline(with_vae=False)
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    kwargs = dict(num_frames=24, height=32, width=32, num_inference_steps=4, guidance_mode="three_branch", output_type="latent")
+    kwargs = dict(
+        num_frames=24, height=32, width=32, num_inference_steps=4, guidance_mode="three_branch", output_type="latent",
+        prev_chunk_scales=[1.5] * 5, text_scales=[7.5] * 5,
+    )
     videos = {}
     for batched in (True, False):
         calls.clear()
@@ -93,3 +97,47 @@ def test_pipeline_argument_chooses_batched_or_one_by_one_passes():
     with pytest.raises(TypeError, match="batch_guidance_branches"):
         pipe("a cat", batch_guidance_branches="no", **kwargs)
     assert not calls
+
+
+def test_passes_with_a_zero_weight_are_skipped_and_the_mix_is_the_full_formula():
+    """Chunks at t >= 0.3 have p = 1, s = 0 (the released table): their velocity is the earlier-chunks-only one. The
+    unconditional pass runs only for the other chunks, and a call whose chunks all have s = 0 runs no conditional
+    pass; the result equals `(1 - p) * v_uncond + (p - s) * v_prev_only + s * v_cond` with all three passes computed
+    in full (each chunk alone for the unconditional one), within 1e-6 of its scale, batched or not."""
+    transformer = tiny_transformer()
+    batch_sizes = []
+    transformer.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    generator = torch.Generator().manual_seed(0)
+    for times, expected_calls in (((0.9, 0.5, 0.1), {True: [4, 2], False: [2, 2, 2]}), ((0.9, 0.5), {True: [2], False: [2]})):
+        num_chunks = len(times)
+        latents = torch.randn(2, 16, num_chunks * CHUNK_FRAMES, 4, 4, generator=generator)
+        timestep = torch.tensor(times)[None].expand(2, -1)
+        embeds = torch.randn(2, num_chunks, 40, transformer.config.text_dim, generator=generator)
+        mask = (torch.arange(40) < 25).float().expand(2, num_chunks, -1)
+        negative = torch.randn(2, 1, 40, transformer.config.text_dim, generator=generator).expand(-1, num_chunks, -1, -1)
+        negative_mask = (torch.arange(40) < 10).float().expand(2, num_chunks, -1)
+
+        cond = transformer(latents, timestep, embeds, mask, caption_dropped=False).sample
+        prev_only = transformer(latents, timestep, negative, negative_mask, caption_dropped=True).sample
+        uncond = torch.cat(
+            [
+                transformer(
+                    latents[:, :, c * CHUNK_FRAMES : (c + 1) * CHUNK_FRAMES], timestep[:, c : c + 1],
+                    negative[:, c : c + 1], negative_mask[:, c : c + 1], caption_dropped=True,
+                ).sample
+                for c in range(num_chunks)
+            ],
+            dim=2,
+        )
+        p = torch.tensor([1.0 if t >= 0.3 else 1.5 for t in times]).repeat_interleave(CHUNK_FRAMES)
+        s = torch.tensor([0.0 if t >= 0.3 else 7.5 for t in times]).repeat_interleave(CHUNK_FRAMES)
+        p, s = p.view(1, 1, -1, 1, 1), s.view(1, 1, -1, 1, 1)
+        expected = (1 - p) * uncond + (p - s) * prev_only + s * cond
+
+        for batched in (True, False):
+            batch_sizes.clear()
+            velocity = MagiGuidance(batch_branches=batched).predict_velocity(
+                transformer, latents, timestep, embeds, mask, negative, negative_mask, 0, 0
+            )
+            assert batch_sizes == expected_calls[batched], (times, batched)  # uncond: 2 videos x 1 chunk
+            assert relative_max_error(velocity, expected) <= 1e-6, (times, batched)

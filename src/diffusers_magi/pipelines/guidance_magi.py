@@ -7,7 +7,10 @@ Base checkpoints use *three-branch* guidance. Per call the transformer runs
 3. unconditional: null caption, each chunk alone (no earlier chunks, no cache),
 
 and each chunk's velocity is `(1 - p) * v3 + (p - s) * v2 + s * v1`, with `p` (`prev_chunk_scales`) and `s`
-(`text_scales`) taken from the noise band the chunk is in (`cfg_t_range`).
+(`text_scales`) taken from the noise band the chunk is in (`cfg_t_range`). A pass whose velocity has a zero weight
+is not run: the conditional pass when no chunk of the call has a text scale, the unconditional pass for the chunks
+with `p = 1` (each chunk is alone there, so it runs for the others only). With the released settings (`p = 1`,
+`s = 0` from `t = 0.3` on) that leaves out about a tenth of the work of a base model's video.
 
 Distilled checkpoints use one conditional pass. When the first denoised chunk is nearly clean, a copy of it placed
 after the window runs in a call of its own that sees only itself, and that chunk's velocity is
@@ -100,28 +103,42 @@ class MagiGuidance:
         text = torch.tensor(self.text_scales, device=timestep.device)[band]
         return prev, text
 
+    def branch_weights(self, timestep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights `(1 - p, p - s, s)` of the unconditional, earlier-chunks-only and conditional velocities of each
+        chunk (float32, each of the shape of `timestep`)."""
+        prev_scale, text_scale = self.guidance_scales(timestep)
+        return 1 - prev_scale, prev_scale - text_scale, text_scale
+
     def combine(
         self,
-        cond: torch.Tensor,
+        cond: Optional[torch.Tensor],
         prev_only: torch.Tensor,
-        uncond: torch.Tensor,
+        uncond: Optional[torch.Tensor],
         timestep: torch.Tensor,
         chunk_frames: int,
     ) -> torch.Tensor:
-        """Three-branch mix, chunk by chunk.
+        """Three-branch mix, chunk by chunk: `(1 - p) * uncond + (p - s) * prev_only + s * cond`.
+
+        A term whose weight is zero for the chunk (in every batch row) is left out: adding it would change nothing,
+        so the result is the full sum, and a pass that only such terms need can be skipped (`None`; the chunks of
+        `uncond` with a zero weight may hold anything).
 
         Args:
             cond, prev_only, uncond (`torch.Tensor` of shape `(batch, channels, num_chunks * chunk_frames, H, W)`):
                 velocities of the caption+earlier-chunks, earlier-chunks-only and unconditional passes.
             timestep (`torch.Tensor` of shape `(batch, num_chunks)`): time of each chunk.
         """
-        prev_scale, text_scale = self.guidance_scales(timestep)
+        weights = self.branch_weights(timestep)
+        used = torch.stack([weight.ne(0).any(dim=0) for weight in weights]).tolist()  # [branch][chunk]
         mixed = []
         for chunk in range(timestep.shape[1]):
             frames = slice(chunk * chunk_frames, (chunk + 1) * chunk_frames)
-            p = prev_scale[:, chunk].view(-1, 1, 1, 1, 1)
-            s = text_scale[:, chunk].view(-1, 1, 1, 1, 1)
-            mixed.append((1 - p) * uncond[:, :, frames] + (p - s) * prev_only[:, :, frames] + s * cond[:, :, frames])
+            terms = [
+                weight[:, chunk].view(-1, 1, 1, 1, 1) * velocity[:, :, frames]
+                for weight, branch_used, velocity in zip(weights, used, (uncond, prev_only, cond))
+                if branch_used[chunk]
+            ]  # never empty: the three weights sum to 1
+            mixed.append(sum(terms[1:], terms[0]))
         return torch.cat(mixed, dim=2)
 
     def predict_velocity(
@@ -192,7 +209,15 @@ class MagiGuidance:
                 transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call, window
             )
 
-        if self.batch_branches:
+        # A pass is run only where its velocity has a non-zero weight (`combine`): the conditional pass when some
+        # chunk has a text scale, the unconditional pass (each chunk alone) for the chunks whose weight `1 - p` is
+        # not zero. The earlier-chunks-only pass always runs (it writes the cache).
+        denoised_timestep = timestep[:, num_clean_chunks:]
+        uncond_weight, _, cond_weight = self.branch_weights(denoised_timestep)
+        needs_cond = bool(cond_weight.ne(0).any())
+        uncond_chunks = uncond_weight.ne(0).any(dim=0).nonzero().flatten().tolist()
+        cond = None
+        if self.batch_branches and needs_cond:
             batch_size = latents.shape[0]
             call = dict(call, kv_cache=kv_cache.branch_view(2, write_branch=1) if kv_cache is not None else None)
             with window_cache_context(transformer, window, "cond+prev_only"):
@@ -207,10 +232,11 @@ class MagiGuidance:
                 ).sample[:, :, clean_frames:]
             cond, prev_only = both[:batch_size], both[batch_size:]
         else:
-            with window_cache_context(transformer, window, "cond"):
-                cond = transformer(
-                    latents, timestep, prompt_embeds, prompt_attention_mask, caption_dropped=False, **call
-                ).sample[:, :, clean_frames:]
+            if needs_cond:
+                with window_cache_context(transformer, window, "cond"):
+                    cond = transformer(
+                        latents, timestep, prompt_embeds, prompt_attention_mask, caption_dropped=False, **call
+                    ).sample[:, :, clean_frames:]
             with window_cache_context(transformer, window, "prev_only"):
                 prev_only = transformer(
                     latents,
@@ -221,17 +247,21 @@ class MagiGuidance:
                     num_chunks_to_cache=num_clean_chunks,
                     **call,
                 ).sample[:, :, clean_frames:]
-        with window_cache_context(transformer, window, "uncond"):
-            uncond = self._unconditional_velocity(
-                transformer,
-                latents[:, :, clean_frames:],
-                timestep[:, num_clean_chunks:],
-                negative_prompt_embeds[:, num_clean_chunks:],
-                negative_prompt_attention_mask[:, num_clean_chunks:],
-                step_size,
-                attention_kwargs,
-            )
-        return self.combine(cond, prev_only, uncond, timestep[:, num_clean_chunks:], chunk_frames)
+        uncond = None
+        if uncond_chunks:
+            # The step-cache context names the number of chunks, which varies between calls of one window.
+            with window_cache_context(transformer, window, f"uncond{len(uncond_chunks)}"):
+                uncond = self._unconditional_velocity(
+                    transformer,
+                    latents[:, :, clean_frames:],
+                    denoised_timestep,
+                    negative_prompt_embeds[:, num_clean_chunks:],
+                    negative_prompt_attention_mask[:, num_clean_chunks:],
+                    uncond_chunks,
+                    step_size,
+                    attention_kwargs,
+                )
+        return self.combine(cond, prev_only, uncond, denoised_timestep, chunk_frames)
 
     def cache_clean_chunks(
         self,
@@ -269,22 +299,32 @@ class MagiGuidance:
 
     @staticmethod
     def _unconditional_velocity(
-        transformer, latents, timestep, negative_prompt_embeds, negative_prompt_attention_mask, step_size, attention_kwargs
+        transformer,
+        latents,
+        timestep,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        chunks: Sequence[int],
+        step_size,
+        attention_kwargs,
     ) -> torch.Tensor:
-        """Each chunk alone, as its own batch element: (batch, C, n * f, H, W) -> (batch * n, C, f, H, W)."""
-        batch_size, channels, frames, height, width = latents.shape
-        num_chunks = timestep.shape[1]
-        chunks = latents.unflatten(2, (num_chunks, -1)).transpose(1, 2).flatten(0, 1)
+        """The given `chunks` (indices into the window), each alone as its own batch element:
+        (batch, C, n * f, H, W) -> (batch * len(chunks), C, f, H, W). Returns velocities of the window's shape; the
+        frames of the other chunks are zeros."""
+        batch_size, num_chunks = timestep.shape
+        per_chunk = latents.unflatten(2, (num_chunks, -1))
         velocity = transformer(
-            chunks,
-            timestep.reshape(-1, 1),
-            negative_prompt_embeds.flatten(0, 1)[:, None],
-            negative_prompt_attention_mask.flatten(0, 1)[:, None],
+            per_chunk[:, :, chunks].transpose(1, 2).flatten(0, 1),
+            timestep[:, chunks].reshape(-1, 1),
+            negative_prompt_embeds[:, chunks].flatten(0, 1)[:, None],
+            negative_prompt_attention_mask[:, chunks].flatten(0, 1)[:, None],
             caption_dropped=True,
             step_size=step_size,
             attention_kwargs=attention_kwargs,
         ).sample
-        return velocity.unflatten(0, (batch_size, num_chunks)).transpose(1, 2).flatten(2, 3)
+        full = torch.zeros_like(per_chunk, dtype=velocity.dtype)
+        full[:, :, chunks] = velocity.unflatten(0, (batch_size, len(chunks))).transpose(1, 2)
+        return full.flatten(2, 3)
 
     def _distilled_velocity(
         self, transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call, window
