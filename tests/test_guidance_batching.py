@@ -141,3 +141,21 @@ def test_passes_with_a_zero_weight_are_skipped_and_the_mix_is_the_full_formula()
             )
             assert batch_sizes == expected_calls[batched], (times, batched)  # uncond: 2 videos x 1 chunk
             assert relative_max_error(velocity, expected) <= 1e-6, (times, batched)
+
+
+def test_guidance_hands_the_transformer_captions_cut_after_their_padding():
+    """Every pass of `predict_velocity` gets captions cut after the last valid token of the conditional and
+    negative captions together (25 of 40 here), in both guidance modes."""
+    transformer = tiny_transformer()
+    lengths = []
+    transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[2].shape[-2]))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 2 * CHUNK_FRAMES, 4, 4, generator=generator)
+    timestep = torch.tensor([[0.99, 0.1]])
+    embeds = torch.randn(1, 2, 40, transformer.config.text_dim, generator=generator)
+    mask = (torch.arange(40) < 25).float().expand(1, 2, -1)
+    negative_mask = (torch.arange(40) < 10).float().expand(1, 2, -1)
+    for mode in ("three_branch", "distilled"):
+        lengths.clear()
+        MagiGuidance(mode=mode).predict_velocity(transformer, latents, timestep, embeds, mask, embeds, negative_mask, 0, 0)
+        assert lengths and set(lengths) == {25}, (mode, lengths)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from diffusers_magi import MagiImageToVideoPipeline, MagiKVCache, MagiVideoToVideoPipeline
 from diffusers_magi.pipelines.session_magi import MagiSessionInterrupted
 from diffusers_magi.pipelines.session_state_magi import METADATA_KEY, weights_fingerprint
-from diffusers_magi.pipelines.text_conditioning_magi import chunk_caption_rows
+from diffusers_magi.pipelines.text_conditioning_magi import chunk_caption_rows, cut_caption_padding
 
 from .tiny_models import tiny_pipeline, tiny_transformer_inputs
 
@@ -111,7 +111,8 @@ def test_set_prompt_with_text_equals_a_chunk_prompt_schedule(pipe):
 
 def _direct_clean_pass(pipe, session, chunks, prompt):
     """The keys/values of `chunks` from a clean pass conditioned on `prompt`, computed directly: the chunks' clean
-    latents at the clean time, captioned with the prompt and their special tokens, written to a fresh cache."""
+    latents at the clean time, captioned with the prompt and their special tokens (cut after the padding, as every
+    caption that enters the transformer), written to a fresh cache."""
     embeds, mask = pipe.encode_prompt([prompt])
     captions = chunk_caption_rows(
         pipe.transformer.caption_tokens(),
@@ -121,6 +122,7 @@ def _direct_clean_pass(pipe, session, chunks, prompt):
         chunk_indices=chunks,
         num_generated_chunks=session.num_generated_chunks,
     )
+    [captions] = cut_caption_padding(captions)
     cache = MagiKVCache(pipe.transformer.config.num_layers)
     reach = pipe.scheduler.config.clean_chunk_kvrange
     with torch.no_grad():

@@ -162,3 +162,33 @@ def test_chunk_prompt_schedules():
         resolve_chunk_prompts({0: "a", 7: "b"}, 4)
     with pytest.raises(TypeError):
         resolve_chunk_prompts("a single string", 2)
+
+
+def test_cut_caption_padding_keeps_one_common_length_and_the_same_velocity():
+    """Captions are cut jointly after the last position valid in any row of any of them (one position kept when
+    none is valid); the transformer masks the padding, so its output is the same to float rounding."""
+    from diffusers_magi.pipelines.text_conditioning_magi import cut_caption_padding
+
+    from .conftest import relative_max_error
+    from .tiny_models import tiny_transformer
+
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 3, 40, 32, generator=generator)
+    mask = (torch.arange(40) < torch.tensor([[5], [12]])).float()[:, None].expand(-1, 3, -1)
+    negative = torch.randn(2, 3, 40, 32, generator=generator)
+    negative_mask = (torch.arange(40) < 20).float().expand(2, 3, -1)
+
+    (cut, cut_mask), (cut_negative, cut_negative_mask) = cut_caption_padding((embeds, mask), (negative, negative_mask))
+    assert cut.shape == cut_negative.shape == (2, 3, 20, 32) and cut_mask.shape == (2, 3, 20)
+    assert torch.equal(cut, embeds[..., :20, :]) and torch.equal(cut_negative_mask, negative_mask[..., :20])
+    [(alone, alone_mask)] = cut_caption_padding((embeds, mask))
+    assert alone.shape[-2] == alone_mask.shape[-1] == 12
+    [(empty, empty_mask)] = cut_caption_padding((embeds, torch.zeros_like(mask)))
+    assert empty.shape[-2] == empty_mask.shape[-1] == 1
+
+    transformer = tiny_transformer()
+    latents = torch.randn(2, 16, 18, 4, 4, generator=generator)
+    timestep = torch.tensor([[0.9, 0.5, 0.1]]).expand(2, -1)
+    padded = transformer(latents, timestep, embeds, mask, caption_dropped=False).sample
+    shortened = transformer(latents, timestep, alone, alone_mask, caption_dropped=False).sample
+    assert relative_max_error(shortened, padded) <= 1e-6

@@ -150,14 +150,6 @@ class MagiCaptionTokens(nn.Module):
         return MagiLearnedTokens(self.null_caption_embedding.detach(), special_tokens)
 
 
-def _cut_trailing_caption_padding(caption: torch.Tensor, caption_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`caption` `(..., text_length, text_dim)` and `caption_mask` `(..., text_length)` cut after the last position
-    that is valid in any row (at least one position is kept)."""
-    valid_positions = caption_mask.flatten(0, -2).bool().any(dim=0).nonzero()
-    length = int(valid_positions[-1]) + 1 if len(valid_positions) else 1
-    return caption[..., :length, :], caption_mask[..., :length]
-
-
 class MagiTextEmbedder(nn.Module):
     """Caption projections: caption tokens for cross-attention, and the learned caption rows for the adaLN condition.
     The caption itself never enters the condition, only cross-attention."""
@@ -661,13 +653,7 @@ class MagiTransformer3DModel(ModelMixin, ConfigMixin, MagiPeftAdapterMixin, Cach
         condition = time_embedding.unflatten(0, (batch_size, num_chunks)) + caption_condition[:, None]
         condition = condition.to(dtype)
 
-        # 3. Caption tokens (padded, with their mask) for cross-attention. Eagerly, the padding after the last valid
-        #    token of every row is cut first: fewer tokens to project and attend to, the same result (padding is
-        #    masked). A traced call keeps the padded length, so that its shapes never depend on the data.
-        if not torch.compiler.is_compiling():
-            encoder_hidden_states, encoder_attention_mask = _cut_trailing_caption_padding(
-                encoder_hidden_states, encoder_attention_mask
-            )
+        # 3. Caption tokens (padded, with their mask) for cross-attention.
         text_states, text_mask = self.text_embedder(encoder_hidden_states, encoder_attention_mask)
         text_states = text_states.to(dtype)
 

@@ -38,6 +38,7 @@ import torch
 from ..models.cache_hooks_magi import window_cache_context
 from ..models.kv_cache_magi import MagiKVCache
 from ..models.transformer_magi import MagiTransformer3DModel
+from .text_conditioning_magi import cut_caption_padding
 
 GUIDANCE_MODES = ("three_branch", "distilled")
 
@@ -187,6 +188,11 @@ class MagiGuidance:
         num_chunks = timestep.shape[1]
         chunk_frames = latents.shape[2] // num_chunks
         clean_frames = num_clean_chunks * chunk_frames
+        (prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask) = (
+            cut_caption_padding(
+                (prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask)
+            )
+        )
         if num_clean_chunks:
             prompt_embeds = torch.cat(
                 [negative_prompt_embeds[:, :num_clean_chunks], prompt_embeds[:, num_clean_chunks:]], dim=1
@@ -282,6 +288,9 @@ class MagiGuidance:
         in `predict_velocity`."""
         num_chunks = timestep.shape[1]
         window = _cache_window(transformer, cache_window, first_chunk_index, num_chunks, num_chunks)
+        [(negative_prompt_embeds, negative_prompt_attention_mask)] = cut_caption_padding(
+            (negative_prompt_embeds, negative_prompt_attention_mask)
+        )
         with window_cache_context(transformer, window, "prefix"):
             return transformer(
                 latents,

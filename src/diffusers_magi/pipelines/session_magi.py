@@ -36,7 +36,7 @@ from ..schedulers.scheduling_magi_chunk import MagiChunkPlan
 from .guidance_magi import MagiGuidance
 from .input_checks_magi import check_callback_outputs
 from .pipeline_output import MagiChunkOutput
-from .text_conditioning_magi import MAX_DURATION_TOKEN, chunk_caption_rows
+from .text_conditioning_magi import MAX_DURATION_TOKEN, chunk_caption_rows, cut_caption_padding
 
 logger = logging.get_logger(__name__)
 
@@ -569,7 +569,7 @@ class MagiSession:
         window = torch.cat([self._cached_latents[chunk] for chunk in chunks], dim=2)
         generated = [chunk - self.num_prefix_chunks for chunk in chunks]
         rows = self._recache_rows[:, None].expand(-1, len(chunks))
-        captions = self._window_captions(generated, rows=rows)
+        [captions] = cut_caption_padding(self._window_captions(generated, rows=rows))
         timestep = torch.full((self.settings.batch_size, len(chunks)), plan.clean_t, device=window.device)
         # Under a step cache: a context of its own, forgotten after the pass, so the cache computes the pass.
         window_name = self._step_cache_window(call.first_chunk)

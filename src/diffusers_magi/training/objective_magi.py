@@ -49,7 +49,12 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..pipelines.text_conditioning_magi import DEFAULT_SPECIAL_TOKENS, chunk_caption_rows, negative_caption_rows
+from ..pipelines.text_conditioning_magi import (
+    DEFAULT_SPECIAL_TOKENS,
+    chunk_caption_rows,
+    cut_caption_padding,
+    negative_caption_rows,
+)
 
 CHUNK_TIME_MODES = ("trajectory", "sorted")
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
@@ -428,11 +433,12 @@ class MagiChunkwiseFlowMatching:
         outputs = [None] * batch.noisy_latents.shape[0]
         for starts, rows in groups.items():
             index = torch.tensor(rows, device=batch.noisy_latents.device)
+            [(embeds, mask)] = cut_caption_padding((prompt_embeds[index], prompt_attention_mask[index]))
             velocity = transformer(
                 batch.noisy_latents[index],
                 batch.timesteps[index],
-                prompt_embeds[index],
-                prompt_attention_mask[index],
+                embeds,
+                mask,
                 attention_chunk_starts=starts,
                 caption_dropped=batch.caption_dropped[index],
                 step_size=step_size,
