@@ -4,8 +4,10 @@ The layouts are calls of the real sampling plan (MagiChunkScheduler defaults): t
 chunk and four noisy chunks) and a window reading an earlier chunk from the KV cache. Each query chunk attends to its
 own key range (`ChunkAttentionLayout.key_token_range`):
 
-* `chunk loop`: what `MagiAttnProcessor` runs: one unmasked `dispatch_attention_fn` call per query chunk on its exact
-  key range (any backend, flash attention included);
+* `chunk loop`: what `MagiAttnProcessor` runs: one unmasked attention call per query chunk on its exact key range
+  (any backend, flash attention included; on the CPU the query heads that share a key/value head run as one longer
+  query, `grouped_query_attention`);
+* `chunk loop, enable_gqa`: the same loop with SDPA's own grouped-query attention (`enable_gqa=True`);
 * `SDPA bool mask` / `SDPA additive mask`: one `scaled_dot_product_attention` over all queries and keys with the
   chunk-causal mask;
 * `flex BlockMask`: `flex_attention` with a block mask built from the same rule (eager, and compiled with
@@ -62,8 +64,20 @@ def backends(layout: ChunkAttentionLayout, device, compile_flex: bool):
         gqa = query.shape[1] != key.shape[1]
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask.to(query.dtype) if attn_mask.is_floating_point() else attn_mask, enable_gqa=gqa).transpose(1, 2)
 
+    def loop_with_enable_gqa(query, key, value):
+        tokens = layout.tokens_per_chunk
+        outputs = []
+        for chunk in range(layout.num_chunks):
+            start, end = layout.key_token_range(chunk)
+            chunk_query = query[:, chunk * tokens : (chunk + 1) * tokens].transpose(1, 2)
+            chunk_key, chunk_value = (x[:, start:end].transpose(1, 2) for x in (key, value))
+            gqa = chunk_query.shape[1] != chunk_key.shape[1]
+            outputs.append(F.scaled_dot_product_attention(chunk_query, chunk_key, chunk_value, enable_gqa=gqa).transpose(1, 2))
+        return torch.cat(outputs, dim=1)
+
     functions = {
         "chunk loop": lambda q, k, v: chunk_causal_attention(q, k, v, layout),
+        "chunk loop, enable_gqa": loop_with_enable_gqa,
         "SDPA bool mask": lambda q, k, v: sdpa(q, k, v, mask),
         "SDPA additive mask": lambda q, k, v: sdpa(q, k, v, additive),
     }

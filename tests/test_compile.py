@@ -128,8 +128,8 @@ def test_chunks_as_batch_equal_the_per_chunk_loop(starts, first_chunk_index, dty
     query = torch.randn(2, num_chunks * tokens, 4, 16, generator=generator).to(dtype).float()
     key, value = (torch.randn(2, key_tokens, 2, 16, generator=generator).to(dtype).float() for _ in range(2))
     for backend in ("_native_math", "native"):
-        batched = _chunks_as_batch_attention(query, key, value, layout, True, backend)
-        looped = _per_chunk_attention(query, key, value, layout, True, backend)
+        batched = _chunks_as_batch_attention(query, key, value, layout, backend)
+        looped = _per_chunk_attention(query, key, value, layout, backend)
         torch.testing.assert_close(batched, looped, rtol=1e-5, atol=2e-6)
 
 

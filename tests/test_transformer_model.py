@@ -213,3 +213,24 @@ def test_special_token_lookup_errors():
         model.special_token("hq")
     with pytest.raises(ValueError, match="Unknown special token"):
         tiny_transformer().special_token("sharp")
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_grouped_query_attention_equals_sdpa_enable_gqa(backend):
+    """On the CPU the query heads of each key/value head run as one longer query (`grouped_query_attention`): the
+    same result as SDPA's own `enable_gqa`, head by head, with and without a key-padding mask."""
+    import torch.nn.functional as F
+
+    from diffusers_magi.models.attention_magi import grouped_query_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 10, 8, 16, generator=generator)
+    key, value = (torch.randn(3, 7, 2, 16, generator=generator) for _ in range(2))
+    key_padding = (torch.arange(7) < torch.tensor([7, 4, 1])[:, None])[:, None, None, :]
+    for mask in (None, key_padding):
+        expected = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        ).transpose(1, 2)
+        output = grouped_query_attention(query, key, value, attn_mask=mask, backend=backend)
+        assert output.shape == query.shape
+        torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)

@@ -183,6 +183,40 @@ def _attention_inputs(
     return query.float(), key.float(), value.float(), backend
 
 
+def grouped_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    backend=None,
+) -> torch.Tensor:
+    """`dispatch_attention_fn` where several query heads share each key/value head (grouped-query attention).
+
+    On the CPU the `heads // kv_heads` query heads of each key/value head run as one query that many times longer:
+    every query row attends on its own, so the outputs are the same (bit for bit with torch's CPU kernels), and
+    torch's CPU flash kernel runs that 3-14 % faster than with `enable_gqa` at MAGI-1's chunk sizes
+    (`benchmarks/bench_attention.py`). Elsewhere the backend's own `enable_gqa` is used.
+
+    Args:
+        query (`torch.Tensor` of shape `(batch, tokens, heads, head_dim)`)
+        key, value (`torch.Tensor` of shape `(batch, key_tokens, kv_heads, head_dim)`)
+        attn_mask (`torch.Tensor`, *optional*): a mask that does not depend on the query position, e.g. a key-padding
+            mask of shape `(batch, 1, 1, key_tokens)`.
+    Returns:
+        `torch.Tensor` of the shape of `query`.
+    """
+    batch_size, tokens, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    if heads == kv_heads or query.device.type != "cpu":
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attn_mask, enable_gqa=heads != kv_heads, backend=backend
+        )
+    group = heads // kv_heads
+    folded = query.unflatten(2, (kv_heads, group)).permute(0, 3, 1, 2, 4).reshape(batch_size, -1, kv_heads, head_dim)
+    output = dispatch_attention_fn(folded, key, value, attn_mask=attn_mask, backend=backend)
+    return output.unflatten(1, (group, tokens)).permute(0, 2, 3, 1, 4).reshape(batch_size, tokens, heads, head_dim)
+
+
 CHUNK_ATTENTION_FORMS = ("per_chunk", "chunks_as_batch")
 
 
@@ -205,7 +239,6 @@ def chunk_causal_attention(
     Returns:
         `torch.Tensor` of shape `(batch, num_chunks * tokens_per_chunk, heads, head_dim)`.
     """
-    enable_gqa = query.shape[2] != key.shape[2]
     dtype = query.dtype
     query, key, value, backend = _attention_inputs(query, key, value, backend)
     if form is None:
@@ -217,11 +250,11 @@ def chunk_causal_attention(
                 f"_native_math, _native_efficient), not {AttentionBackendName(backend or _active_backend()).value!r}; "
                 "use set_chunk_attention('per_chunk') or set_chunk_attention(None) with this backend."
             )
-        return _chunks_as_batch_attention(query, key, value, layout, enable_gqa, backend).to(dtype)
-    return _per_chunk_attention(query, key, value, layout, enable_gqa, backend).to(dtype)
+        return _chunks_as_batch_attention(query, key, value, layout, backend).to(dtype)
+    return _per_chunk_attention(query, key, value, layout, backend).to(dtype)
 
 
-def _per_chunk_attention(query, key, value, layout: ChunkAttentionLayout, enable_gqa, backend) -> torch.Tensor:
+def _per_chunk_attention(query, key, value, layout: ChunkAttentionLayout, backend) -> torch.Tensor:
     """`chunk_causal_attention` as a loop over query chunks, each on its exact key range without a mask (any
     backend)."""
     tokens = layout.tokens_per_chunk
@@ -229,18 +262,17 @@ def _per_chunk_attention(query, key, value, layout: ChunkAttentionLayout, enable
     for chunk in range(layout.num_chunks):
         key_start, key_end = layout.key_token_range(chunk)
         outputs.append(
-            dispatch_attention_fn(
+            grouped_query_attention(
                 query[:, chunk * tokens : (chunk + 1) * tokens],
                 key[:, key_start:key_end],
                 value[:, key_start:key_end],
-                enable_gqa=enable_gqa,
                 backend=backend,
             )
         )
     return torch.cat(outputs, dim=1)
 
 
-def _chunks_as_batch_attention(query, key, value, layout: ChunkAttentionLayout, enable_gqa, backend) -> torch.Tensor:
+def _chunks_as_batch_attention(query, key, value, layout: ChunkAttentionLayout, backend) -> torch.Tensor:
     """`chunk_causal_attention` with the chunks as batch rows: each row attends to all keys through a key-padding
     mask that ends at its own chunk (and starts at its `layout.key_start_offsets`). Only tensor shapes and data
     describe the window, so `torch.compile` traces one graph for every window width and chunk index. The keys and
@@ -267,12 +299,11 @@ def _chunks_as_batch_attention(query, key, value, layout: ChunkAttentionLayout, 
     def per_chunk(tensor):
         return tensor[:, None].expand(-1, num_chunks, -1, -1, -1).reshape(rows, key_tokens, *tensor.shape[2:])
 
-    output = dispatch_attention_fn(
+    output = grouped_query_attention(
         query.reshape(rows, tokens, *query.shape[2:]),
         per_chunk(key),
         per_chunk(value),
         attn_mask=mask,
-        enable_gqa=enable_gqa,
         backend=backend,
     )
     return output.reshape(batch_size, query_tokens, *output.shape[2:])
@@ -311,7 +342,6 @@ def per_chunk_cross_attention(
         `torch.Tensor` of the shape of `query`. A chunk whose caption has no valid token gets zeros (an attention over
         nothing), as the original's varlen kernel returns.
     """
-    enable_gqa = query.shape[2] != text_keys.shape[3]
     dtype = query.dtype
     if not _takes_key_padding_mask(backend):
         return _gathered_cross_attention(query, text_keys, text_values, text_mask, layout, backend)
@@ -319,12 +349,11 @@ def per_chunk_cross_attention(
     if layout.shards is None:  # whole chunks: one call with the (batch row, chunk) pairs as its batch
         batch_size, num_chunks = text_mask.shape[:2]
         mask = text_mask.flatten(0, 1)
-        attention = dispatch_attention_fn(
+        attention = grouped_query_attention(
             query.unflatten(1, (num_chunks, -1)).flatten(0, 1),
             text_keys.flatten(0, 1),
             text_values.flatten(0, 1),
             attn_mask=mask[:, None, None, :],
-            enable_gqa=enable_gqa,
             backend=backend,
         )
         attention = torch.where(mask.any(dim=-1)[:, None, None, None], attention, 0.0)
@@ -332,12 +361,11 @@ def per_chunk_cross_attention(
     outputs = []
     for chunk, start, end in layout.local_chunk_segments():
         mask = text_mask[:, chunk]
-        attention = dispatch_attention_fn(
+        attention = grouped_query_attention(
             query[:, start:end],
             text_keys[:, chunk],
             text_values[:, chunk],
             attn_mask=mask[:, None, None, :],
-            enable_gqa=enable_gqa,
             backend=backend,
         )
         outputs.append(torch.where(mask.any(dim=-1)[:, None, None, None], attention, 0.0))
@@ -348,7 +376,6 @@ def _gathered_cross_attention(query, text_keys, text_values, text_mask, layout, 
     """`per_chunk_cross_attention` for backends without masks: each (batch row, chunk) attends to its valid caption
     tokens, gathered (data-dependent shapes: `torch.compile` breaks the graph here; use a masking backend, e.g. the
     default SDPA, to compile)."""
-    enable_gqa = query.shape[2] != text_keys.shape[3]
     dtype = query.dtype
     query, text_keys, text_values, backend = _attention_inputs(query, text_keys, text_values, backend)
     output = torch.zeros_like(query)
@@ -357,11 +384,10 @@ def _gathered_cross_attention(query, text_keys, text_values, text_mask, layout, 
             valid = text_mask[batch_index, chunk]
             if not valid.any():
                 continue
-            output[batch_index, start:end] = dispatch_attention_fn(
+            output[batch_index, start:end] = grouped_query_attention(
                 query[batch_index : batch_index + 1, start:end],
                 text_keys[batch_index : batch_index + 1, chunk][:, valid],
                 text_values[batch_index : batch_index + 1, chunk][:, valid],
-                enable_gqa=enable_gqa,
                 backend=backend,
             )[0]
     return output.to(dtype)
