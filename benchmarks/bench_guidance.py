@@ -7,8 +7,8 @@ time the same work.
 
 The default is the issue's CPU case: a random-weight transformer with hidden 512 and 8 layers, 16x16 latents
 (128x128 video), 8 steps, 4 chunks, 2 threads; no VAE (latent output), the tiny T5. Each row is the best of
-`--repeats` generations after a warm-up. The original MAGI-1 code has no timing harness in this repository, so no ratio
-to it is printed (see docs/performance.md for how it was compared).
+`--repeats` generations after a warm-up. It needs nothing but this package; to time the same case against the
+original MAGI-1 code (same weights and noise, parity checked first), run `benchmarks/bench_vs_original.py`.
 
     python benchmarks/bench_guidance.py [--chunks 4] [--steps 8] [--threads 2] [--repeats 3]
 """

@@ -152,8 +152,9 @@ def test_passes_with_a_zero_weight_are_skipped_and_the_mix_is_the_full_formula()
 
 
 def test_guidance_hands_the_transformer_captions_cut_after_their_padding():
-    """Every pass of `predict_velocity` gets captions cut after the last valid token of the conditional and
-    negative captions together (25 of 40 here), in both guidance modes."""
+    """Every pass of `predict_velocity` gets its captions cut after their last valid token: 25 of 40 for the
+    conditional caption, 10 for the negative one, cut together to 25 where one call batches both (the unconditional
+    pass, a call of its own, cuts its negative captions again)."""
     transformer = tiny_transformer()
     lengths = []
     transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[2].shape[-2]))
@@ -163,10 +164,17 @@ def test_guidance_hands_the_transformer_captions_cut_after_their_padding():
     embeds = torch.randn(1, 2, 40, transformer.config.text_dim, generator=generator)
     mask = (torch.arange(40) < 25).float().expand(1, 2, -1)
     negative_mask = (torch.arange(40) < 10).float().expand(1, 2, -1)
-    for mode in ("three_branch", "distilled"):
+    cases = {
+        ("three_branch", True): [25, 10],  # conditional + earlier-chunks-only batched, then the unconditional pass
+        ("three_branch", False): [25, 10, 10],
+        ("distilled", True): [25, 25],  # the pass, then the nearly clean first chunk alone
+    }
+    for (mode, batch_branches), expected in cases.items():
         lengths.clear()
-        MagiGuidance(mode=mode).predict_velocity(transformer, latents, timestep, embeds, mask, embeds, negative_mask, 0, 0)
-        assert lengths and set(lengths) == {25}, (mode, lengths)
+        MagiGuidance(mode=mode, batch_branches=batch_branches).predict_velocity(
+            transformer, latents, timestep, embeds, mask, embeds, negative_mask, 0, 0
+        )
+        assert lengths == expected, (mode, batch_branches, lengths)
 
 
 def test_only_the_video_first_chunk_takes_its_unconditional_velocity_from_the_earlier_chunks_only_pass():

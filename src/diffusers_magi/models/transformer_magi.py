@@ -247,8 +247,13 @@ class MagiFeedForward(nn.Module):
             activated = F.silu(gate.to(torch.float32, copy=True), inplace=True).mul_(up)
             del hidden_states, gate, up
             hidden_states = activated.to(dtype)
-        else:
+        elif hidden_states.requires_grad:
             hidden_states = F.gelu(hidden_states)
+        else:
+            # In place when no gradient needs the input: the same values, one (tokens, ffn_dim) tensor fewer to
+            # allocate. On a CPU a fresh tensor that large costs page faults: ~7 % of a base model's video time at
+            # the CPU case of docs/performance.md.
+            hidden_states = torch.ops.aten.gelu_(hidden_states)
         return self.linear_out(hidden_states)
 
 

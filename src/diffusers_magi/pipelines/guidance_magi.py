@@ -190,11 +190,6 @@ class MagiGuidance:
         num_chunks = timestep.shape[1]
         chunk_frames = latents.shape[2] // num_chunks
         clean_frames = num_clean_chunks * chunk_frames
-        (prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask) = (
-            cut_caption_padding(
-                (prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask)
-            )
-        )
         if num_clean_chunks:
             prompt_embeds = torch.cat(
                 [negative_prompt_embeds[:, :num_clean_chunks], prompt_embeds[:, num_clean_chunks:]], dim=1
@@ -212,7 +207,10 @@ class MagiGuidance:
         )
         window = _cache_window(transformer, cache_window, first_chunk_index, num_chunks, num_clean_chunks)
 
+        # The captions of a transformer call are cut after their padding (`cut_caption_padding`), together where
+        # one call batches them.
         if self.mode == "distilled":
+            [(prompt_embeds, prompt_attention_mask)] = cut_caption_padding((prompt_embeds, prompt_attention_mask))
             return self._distilled_velocity(
                 transformer, latents, timestep, prompt_embeds, prompt_attention_mask, num_clean_chunks, call, window
             )
@@ -229,8 +227,12 @@ class MagiGuidance:
         first_chunk_alone = first_chunk_index == 0 and num_clean_chunks == 0 and 0 in uncond_chunks
         if first_chunk_alone:
             uncond_chunks.remove(0)
+        batched = self.batch_branches and needs_cond
+        captions = [(prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask)]
+        captions = cut_caption_padding(*captions) if batched else [cut_caption_padding(pair)[0] for pair in captions]
+        (prompt_embeds, prompt_attention_mask), (negative_prompt_embeds, negative_prompt_attention_mask) = captions
         cond = None
-        if self.batch_branches and needs_cond:
+        if batched:
             batch_size = latents.shape[0]
             call = dict(call, kv_cache=kv_cache.branch_view(2, write_branch=1) if kv_cache is not None else None)
             with window_cache_context(transformer, window, "cond+prev_only"):
@@ -332,11 +334,17 @@ class MagiGuidance:
         frames of the other chunks are zeros."""
         batch_size, num_chunks = timestep.shape
         per_chunk = latents.unflatten(2, (num_chunks, -1))
+        [(embeds, mask)] = cut_caption_padding(
+            (
+                negative_prompt_embeds[:, chunks].flatten(0, 1)[:, None],
+                negative_prompt_attention_mask[:, chunks].flatten(0, 1)[:, None],
+            )
+        )
         velocity = transformer(
             per_chunk[:, :, chunks].transpose(1, 2).flatten(0, 1),
             timestep[:, chunks].reshape(-1, 1),
-            negative_prompt_embeds[:, chunks].flatten(0, 1)[:, None],
-            negative_prompt_attention_mask[:, chunks].flatten(0, 1)[:, None],
+            embeds,
+            mask,
             caption_dropped=True,
             step_size=step_size,
             attention_kwargs=attention_kwargs,
