@@ -46,10 +46,19 @@ def test_weight_bytes_equal_a_bfloat16_model_loaded_with_from_pretrained(memory_
     assert planned["block"] == sum(p.numel() * p.element_size() for p in loaded.blocks[0].parameters())
 
 
-def test_activation_count_on_the_meta_device_equals_a_real_cpu_run(memory_plan):
+def test_activation_count_on_the_meta_device_equals_a_real_cpu_run(memory_plan, monkeypatch):
     """A SwiGLU block reading the KV cache: the meta-device measurement (attention as a fused kernel) allocates what
     the real block allocates on the CPU with SDPA's fused flash kernel (`_native_flash`; the default for bfloat16 on
-    CPU is the math kernel of the reference evaluation, which also holds the attention scores)."""
+    CPU is the math kernel of the reference evaluation, which also holds the attention scores) and the kernel's own
+    grouped-query attention, as on a GPU (on the CPU `grouped_query_attention` folds the query heads instead, which
+    copies a chunk's queries and outputs once more)."""
+    from diffusers_magi.models import attention_magi
+
+    def kernel_grouped_query_attention(query, key, value, attn_mask=None, backend=None):
+        # looked up at call time: the meta-device measurement replaces `dispatch_attention_fn` with a fused kernel
+        return attention_magi.dispatch_attention_fn(query, key, value, attn_mask=attn_mask, enable_gqa=True, backend=backend)
+
+    monkeypatch.setattr(attention_magi, "grouped_query_attention", kernel_grouped_query_attention)
     config = dict(
         num_layers=1, hidden_size=256, num_attention_heads=8, num_key_value_heads=4, attention_head_dim=32, ffn_dim=512,
         gated_linear_unit=True, text_dim=64, text_length=160, condition_dim=64, cross_attention_dim=256,
