@@ -455,11 +455,15 @@ class MagiAttnProcessor:
         )
         del cross_query
 
-        # [self | cross] is re-ordered into `output_groups` interleaved groups before the output projection: the
-        # checkpoints were trained with the projection split over 8 tensor-parallel ranks.
-        combined = torch.cat([self_attention.flatten(2), cross_attention.flatten(2)], dim=-1)
+        # The output projection reads [self | cross] in `output_groups` interleaved groups (group g of the self
+        # channels, then group g of the cross channels, ...): the checkpoints were trained with the projection split
+        # over 8 tensor-parallel ranks. One stack builds that order.
+        self_groups, cross_groups = (
+            branch.flatten(2).unflatten(-1, (attn.output_groups, -1)) for branch in (self_attention, cross_attention)
+        )
         del self_attention, cross_attention
-        combined = combined.unflatten(-1, (2, attn.output_groups, -1)).transpose(-3, -2).flatten(-3)
+        combined = torch.stack([self_groups, cross_groups], dim=-2).flatten(-3)
+        del self_groups, cross_groups
         return attn.to_out(combined)
 
 
