@@ -55,6 +55,9 @@ def test_tiny_run_matches_the_original_and_prints_the_table(original_checkout):
     assert "preset tiny: hidden 256, 2 layers" in result.stdout
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| base", "| distilled"))]
     assert [row[1].strip() for row in rows] == ROWS
-    for guidance, label, seconds, ratio, error in rows:
+    for guidance, label, seconds, ratio, round_ratios, error in rows:
         assert float(seconds) > 0 and ratio.strip().endswith("x")
+        median, spread = round_ratios.split()
+        low, high = (float(value) for value in spread.strip("()x").split("-"))
+        assert median.endswith("x") and low <= float(median[:-1]) <= high
         assert float(error) <= 1e-4, (guidance, label, error)
